@@ -1,0 +1,102 @@
+"""Bearer-token auth: the admin token and API keys with scopes and tenant binding.
+
+Keys are random 256-bit secrets shown once at creation and stored only as SHA-256
+hashes (a fast hash is right for high-entropy secrets; a slow KDF is for passwords).
+Missing or unknown token: 401. A key without the scope: 403. A tenant-bound read key
+asking for another tenant's data: 403 (404 for a specific resource), never the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from metering.models import ApiKey, utcnow
+
+Scope = Literal["ingest", "read", "admin"]
+ALL_SCOPES: frozenset[str] = frozenset({"ingest", "read", "admin"})
+KEY_PREFIX = "mk_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    kind: Literal["admin", "key"]
+    scopes: frozenset[str]
+    tenant_id: str | None = None
+    key_id: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.scopes
+
+    def has(self, scope: str) -> bool:
+        return self.is_admin or scope in self.scopes
+
+    def tenant_scope(self, requested: str | None) -> str | None:
+        """The tenant whose data a read may see: a bound key sees only its own tenant
+        (PermissionError if it asks for another), the admin whatever it asks for."""
+        if self.tenant_id is None:
+            return requested
+        if requested is not None and requested != self.tenant_id:
+            raise PermissionError("this key may read only its own tenant's data")
+        return self.tenant_id
+
+
+ADMIN = Principal("admin", ALL_SCOPES)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def resolve(session: Session, admin_token: str, token: str) -> Principal | None:
+    """The principal a bearer token stands for, or None."""
+    if hmac.compare_digest(token.encode(), admin_token.encode()):
+        return ADMIN
+    if not token.startswith(KEY_PREFIX):
+        return None
+    row = session.execute(
+        select(ApiKey).where(ApiKey.key_hash == hash_key(token), ApiKey.revoked_at.is_(None))
+    ).scalar_one_or_none()
+    if row is None:
+        return None
+    return Principal("key", frozenset(row.scopes), row.tenant_id, row.id)
+
+
+def create_key(
+    session: Session, scopes: list[str], tenant_id: str | None, name: str | None
+) -> tuple[ApiKey, str]:
+    """Create a key; return the row and the secret (shown once, never stored)."""
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(
+        id="key_" + uuid.uuid4().hex[:24],
+        key_hash=hash_key(secret),
+        prefix=secret[:10],
+        scopes=sorted(set(scopes)),
+        tenant_id=tenant_id,
+        name=name,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row, secret
+
+
+def list_keys(session: Session) -> list[ApiKey]:
+    return list(session.execute(select(ApiKey).order_by(ApiKey.created_at)).scalars())
+
+
+def revoke_key(session: Session, key_id: str) -> bool:
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        return False
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+    return True

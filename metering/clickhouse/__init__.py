@@ -1,0 +1,1 @@
+"""ClickHouse access: the client factory, the migration runner and the SQL constants."""

@@ -1,0 +1,170 @@
+"""The dedup gate: decides, exactly, whether an idempotency key was ever stored.
+
+Three layers, cheapest first:
+1. a Bloom filter over every stored key (no false negatives): a key it has never seen
+   is new, which is the answer for nearly every key of live traffic;
+2. the keys admitted but not yet stored in ClickHouse (`pending`) and the most recently
+   stored ones (`recent`), both exact, in memory: where gateway retries land;
+3. the `ingested_ids` table in ClickHouse, an exact primary-key lookup, asked only for
+   the rare Bloom false positive (~1 in 10,000 keys) and for old retries.
+
+Admission and the bookkeeping after a store are serialized by one lock, so two requests
+carrying the same key at once cannot both be admitted. The gate is rebuilt at startup
+from `ingested_ids` (after the spool tail is replayed), so it holds no state that a crash
+can lose. It is single-process state: docs/exactly-once.md says how several API
+replicas share the decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import numpy.typing as npt
+
+FALSE_POSITIVE_RATE = 1e-4
+MIN_CAPACITY = 4_000_000
+RECENT_GENERATION = 500_000
+
+Lookup = Callable[[list[str]], set[str]]
+# Yields the hashes (see key_hashes) of every stored key, in chunks.
+HashSource = Callable[[], Iterable[npt.NDArray[np.uint64]]]
+
+
+def key_hashes(keys: Iterable[str]) -> npt.NDArray[np.uint64]:
+    """(n, 2) uint64: the two little-endian halves of MD5(key), as ClickHouse computes
+    them with reinterpretAsUInt64(substring(MD5(id), 1|9, 8))."""
+    md5 = hashlib.md5
+    digest = b"".join([md5(k.encode()).digest() for k in keys])
+    return np.frombuffer(digest, dtype="<u8").reshape(-1, 2)
+
+
+class BloomFilter:
+    """A standard Bloom filter over MD5 double hashing, sized for `capacity` keys."""
+
+    def __init__(self, capacity: int, fp_rate: float = FALSE_POSITIVE_RATE) -> None:
+        self.capacity = capacity
+        bits = math.ceil(-capacity * math.log(fp_rate) / (math.log(2) ** 2))
+        self.m = np.uint64(bits)
+        self.k = max(1, round(bits / capacity * math.log(2)))
+        self._steps = np.arange(self.k, dtype=np.uint64)
+        self._bits = np.zeros(bits // 8 + 1, dtype=np.uint8)
+        self.count = 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._bits.nbytes)
+
+    def _positions(
+        self, hashes: npt.NDArray[np.uint64]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
+        with np.errstate(over="ignore"):
+            idx = (hashes[:, 0:1] + hashes[:, 1:2] * self._steps) % self.m
+        return (idx >> np.uint64(3)).astype(np.int64), (
+            np.uint8(1) << (idx & np.uint64(7)).astype(np.uint8)
+        )
+
+    def contains(self, hashes: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
+        if len(hashes) == 0:
+            return np.zeros(0, dtype=bool)
+        byte, mask = self._positions(hashes)
+        return np.asarray(((self._bits[byte] & mask) != 0).all(axis=1))
+
+    def add(self, hashes: npt.NDArray[np.uint64]) -> None:
+        if len(hashes) == 0:
+            return
+        byte, mask = self._positions(hashes)
+        byte, mask = byte.ravel(), mask.ravel()
+        # Fancy-index |= loses updates when two positions share a byte; redo those.
+        self._bits[byte] |= mask
+        lost = (self._bits[byte] & mask) == 0
+        if lost.any():
+            np.bitwise_or.at(self._bits, byte[lost], mask[lost])
+        self.count += len(hashes)
+
+
+class DedupGate:
+    """Exact "seen before?" for one stream's idempotency keys."""
+
+    def __init__(self, lookup: Lookup, source: HashSource) -> None:
+        self._lookup = lookup
+        self._source = source
+        self.lock = threading.Lock()
+        self.bloom = BloomFilter(MIN_CAPACITY)
+        self._pending: dict[str, int] = {}
+        self._pending_by_seq: deque[tuple[int, list[str]]] = deque()
+        self._recent: set[str] = set()
+        self._recent_old: set[str] = set()
+        self.lookups = 0
+
+    def rebuild(self, expected: int = 0) -> None:
+        """Refill the filter from every stored key, sized for twice what is there."""
+        with self.lock:
+            self._rebuild(max(MIN_CAPACITY, 2 * expected))
+
+    def _rebuild(self, capacity: int) -> None:
+        bloom = BloomFilter(capacity)
+        for chunk in self._source():
+            bloom.add(chunk)
+        bloom.add(key_hashes(self._pending))
+        if bloom.count > capacity // 2:
+            self._rebuild(2 * bloom.count)
+            return
+        self.bloom = bloom
+
+    def admit(self, keys: list[str]) -> list[bool]:
+        """For each key, True if it was never stored nor admitted (repeats inside `keys`
+        count once). Caller holds `lock` and must follow with `pending` or `release`."""
+        hashes = key_hashes(keys)
+        maybe = self.bloom.contains(hashes)
+        fresh = [True] * len(keys)
+        to_verify: list[int] = []
+        seen_here: set[str] = set()
+        pending, recent, recent_old = self._pending, self._recent, self._recent_old
+        for i, key in enumerate(keys):
+            if key in seen_here:
+                fresh[i] = False
+                continue
+            seen_here.add(key)
+            if maybe[i]:
+                if key in pending or key in recent or key in recent_old:
+                    fresh[i] = False
+                else:
+                    to_verify.append(i)
+        if to_verify:
+            self.lookups += 1
+            stored = self._lookup([keys[i] for i in to_verify])
+            for i in to_verify:
+                if keys[i] in stored:
+                    fresh[i] = False
+        new_hashes = hashes[np.fromiter(fresh, dtype=bool, count=len(keys))]
+        if self.bloom.count + len(new_hashes) > self.bloom.capacity:
+            self._rebuild(2 * self.bloom.capacity)
+        self.bloom.add(new_hashes)
+        return fresh
+
+    def mark_pending(self, seq: int, keys: list[str]) -> None:
+        """The admitted keys are in the spool as record `seq` (caller holds `lock`)."""
+        for key in keys:
+            self._pending[key] = seq
+        self._pending_by_seq.append((seq, keys))
+
+    def stored(self, upto_seq: int) -> None:
+        """Records up to `upto_seq` are in ClickHouse: move their keys to `recent`."""
+        with self.lock:
+            while self._pending_by_seq and self._pending_by_seq[0][0] <= upto_seq:
+                _, keys = self._pending_by_seq.popleft()
+                for key in keys:
+                    self._pending.pop(key, None)
+                self._recent.update(keys)
+                if len(self._recent) >= RECENT_GENERATION:
+                    self._recent_old = self._recent
+                    self._recent = set()
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)

@@ -1,0 +1,58 @@
+"""Prometheus metrics of the service (served at GET /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+HTTP_REQUESTS = Counter(
+    "metering_http_requests_total",
+    "HTTP requests by route template, method and status code",
+    ["route", "method", "status"],
+    registry=REGISTRY,
+)
+HTTP_LATENCY = Histogram(
+    "metering_http_request_duration_seconds",
+    "HTTP request latency by route template",
+    ["route", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+INGEST_ITEMS = Counter(
+    "metering_ingest_items_total",
+    "Ingested items by stream (events, probes) and outcome (accepted, duplicate, rejected)",
+    ["stream", "outcome"],
+    registry=REGISTRY,
+)
+SPOOL_BYTES = Gauge(
+    "metering_spool_pending_bytes",
+    "Bytes accepted into the spool and not yet stored in ClickHouse",
+    ["stream"],
+    registry=REGISTRY,
+)
+STORED_ROWS = Counter(
+    "metering_clickhouse_rows_stored_total",
+    "Rows the ingest writer stored in ClickHouse",
+    ["stream"],
+    registry=REGISTRY,
+)
+STORE_FAILURES = Counter(
+    "metering_clickhouse_store_failures_total",
+    "Failed ClickHouse inserts of the ingest writer (retried)",
+    ["stream"],
+    registry=REGISTRY,
+)
+STORE_SECONDS = Histogram(
+    "metering_clickhouse_store_seconds",
+    "Duration of one ingest writer cycle (insert rows and ids)",
+    ["stream"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+GATE_LOOKUPS = Counter(
+    "metering_dedup_lookups_total",
+    "Exact ClickHouse lookups made by the dedup gate (Bloom positives and old retries)",
+    ["stream"],
+    registry=REGISTRY,
+)

@@ -1,0 +1,115 @@
+"""The service's long-lived parts, built once per process and handed to routes and jobs.
+
+`Services.open` makes the clients; `start` applies migrations (relational, then
+ClickHouse), replays the ingest spools and starts the writers; `close` drains and stops
+them. The HTTP app, the scheduler and the CLI all go through this one object.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from metering import relational_migrations
+from metering.clickhouse import migrations as ch_migrations
+from metering.clickhouse.client import make_client
+from metering.db import make_engine, make_session_factory
+from metering.ingest.pipeline import StreamPipeline
+from metering.ingest.schema import EVENTS, PROBES, Event, Probe
+from metering.ingest.store import EVENTS_TABLE, PROBES_TABLE, IngestStore
+from metering.registry import register_pairs
+from metering.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _event_key(event: Event) -> tuple[str, str]:
+    return (event.tenant_id, event.project_id)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    admin_token: str
+    ch: Client
+    engine: Engine
+    sessions: sessionmaker[Session]
+    events: StreamPipeline[Event]
+    probes: StreamPipeline[Probe]
+    ready: bool = False
+    startup_error: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, settings: Settings, admin_token: str) -> Services:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        url, database = settings.resolved_clickhouse_url, settings.clickhouse_database
+        ch = make_client(url, database)
+        engine = make_engine(settings.resolved_database_url)
+        fsync = settings.spool_fsync == "always"
+
+        def pipeline_store(table: Any) -> IngestStore:
+            return IngestStore(make_client(url, database), table, reader=make_client(url, database))
+
+        events: StreamPipeline[Event] = StreamPipeline(
+            EVENTS,
+            pipeline_store(EVENTS_TABLE),
+            settings.data_dir / "spool" / "events",
+            max_spool_bytes=settings.spool_max_bytes,
+            fsync=fsync,
+            on_keys=lambda pairs: register_pairs(engine, pairs),
+            key_of=_event_key,
+        )
+        probes: StreamPipeline[Probe] = StreamPipeline(
+            PROBES,
+            pipeline_store(PROBES_TABLE),
+            settings.data_dir / "spool" / "probes",
+            max_spool_bytes=settings.spool_max_bytes,
+            fsync=fsync,
+        )
+        return cls(settings, admin_token, ch, engine, make_session_factory(engine), events, probes)
+
+    def migrate(self) -> tuple[list[str], list[str]]:
+        """Apply pending relational and ClickHouse migrations; return what was applied."""
+        relational = relational_migrations.upgrade(self.engine)
+        clickhouse = [m.name for m in ch_migrations.migrate(self.ch)]
+        return relational, clickhouse
+
+    def start(self) -> None:
+        """Migrate, replay spools, start writers. Marks the services ready."""
+        relational, clickhouse = self.migrate()
+        if relational or clickhouse:
+            log.info("applied migrations: relational %s, clickhouse %s", relational, clickhouse)
+        self.events.start()
+        self.probes.start()
+        self.ready = True
+
+    def check(self) -> dict[str, str]:
+        """Both stores answer and no migration is pending (for /readyz)."""
+        problems: dict[str, str] = {}
+        try:
+            self.ch.query("SELECT 1")
+            if ch_migrations.pending(self.ch):
+                problems["clickhouse"] = "migrations pending"
+        except Exception as exc:
+            problems["clickhouse"] = f"{type(exc).__name__}: {exc}"
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            if relational_migrations.pending_revisions(self.engine):
+                problems["database"] = "migrations pending"
+        except Exception as exc:
+            problems["database"] = f"{type(exc).__name__}: {exc}"
+        return problems
+
+    def close(self) -> None:
+        if self.ready:
+            self.events.stop()
+            self.probes.stop()
+        self.ready = False
+        self.engine.dispose()

@@ -1,0 +1,61 @@
+"""Typed settings: every `METERING_*` variable of the contract, read once.
+
+Nothing else in the code base reads `os.environ`; the settings object is built by the
+CLI (or a test) and passed down.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+class Settings(BaseSettings):
+    """Service settings (environment variables `METERING_*`, optional `.env`)."""
+
+    model_config = SettingsConfigDict(env_prefix="METERING_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Path("./data")
+    clickhouse_url: str | None = None
+    clickhouse_database: str = "default"
+    database_url: str | None = None
+    admin_token: str | None = None
+    invoice_grace_days: int = Field(default=1, ge=0)
+    probe_targets: str | None = None
+    webhook_allow_private: bool = False
+
+    # Ingest tuning (not in the contract's table; documented in the README).
+    spool_max_bytes: int = Field(default=2 * 1024**3, ge=1024 * 1024)
+    spool_fsync: Literal["always", "never"] = "always"
+    probe_interval_seconds: float = Field(default=30.0, gt=0)
+
+    @field_validator("clickhouse_database")
+    @classmethod
+    def _valid_identifier(cls, value: str) -> str:
+        if not _IDENT.match(value):
+            raise ValueError("must be a ClickHouse identifier: [A-Za-z_][A-Za-z0-9_]{0,63}")
+        return value
+
+    @property
+    def resolved_clickhouse_url(self) -> str:
+        """`chdb://<data dir>/clickhouse` unless a URL was given."""
+        if self.clickhouse_url:
+            return self.clickhouse_url
+        return f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
+
+    @property
+    def resolved_database_url(self) -> str:
+        """`sqlite:///<data dir>/metering.db` unless a URL was given."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'metering.db').resolve()}"
+
+    @property
+    def uses_chdb(self) -> bool:
+        return self.resolved_clickhouse_url.startswith("chdb://")
