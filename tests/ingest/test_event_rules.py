@@ -1,0 +1,221 @@
+"""Every contract rule for events and probes, with the exact error text; partial
+acceptance; body-level errors (400/413)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+
+from metering.services import Services
+from tests.ingest.helpers import event, probe, stored_count
+
+MISSING = object()
+
+
+def _minus(days: float = 0, minutes: float = 0) -> str:
+    return (datetime.now(UTC) - timedelta(days=days, minutes=minutes)).isoformat()
+
+
+EVENT_RULES: list[tuple[str, Any, list[str]]] = [
+    ("event_id", MISSING, ["event_id: required"]),
+    ("event_id", "", ["event_id: must not be empty"]),
+    ("event_id", "x" * 129, ["event_id: must be at most 128 characters"]),
+    ("event_id", 7, ["event_id: must be a string"]),
+    ("timestamp", MISSING, ["timestamp: required"]),
+    ("timestamp", "yesterday", ["timestamp: must be an RFC 3339 timestamp, e.g. 2026-11-27T10:00:00Z"]),
+    ("timestamp", "2026-11-27T10:00:00", ["timestamp: must include a UTC offset (Z or +hh:mm)"]),
+    ("timestamp", _minus(minutes=-6), ["timestamp: must not be more than 5 minutes in the future"]),
+    ("timestamp", _minus(days=401), ["timestamp: must not be more than 400 days old"]),
+    ("tenant_id", MISSING, ["tenant_id: required"]),
+    ("tenant_id", "", ["tenant_id: must not be empty"]),
+    ("tenant_id", "a" * 65, ["tenant_id: must be at most 64 characters"]),
+    ("tenant_id", "acct 1", ["tenant_id: must contain only [A-Za-z0-9_.:-]"]),
+    ("project_id", "proj/1", ["project_id: must contain only [A-Za-z0-9_.:-]"]),
+    ("api_key_id", "k" * 65, ["api_key_id: must be at most 64 characters"]),
+    ("provider", MISSING, ["provider: required"]),
+    ("provider", "Cohere", ["provider: must contain only [a-z0-9_-]"]),
+    ("provider", "p" * 65, ["provider: must be at most 64 characters"]),
+    ("model", "", ["model: must not be empty"]),
+    ("model", "m" * 129, ["model: must be at most 128 characters"]),
+    ("region", "r" * 65, ["region: must be at most 64 characters"]),
+    ("status", "failed", ['status: must be "ok" or "error"']),
+    ("status", MISSING, ["status: required"]),
+    ("http_status", 99, ["http_status: must be >= 100"]),
+    ("http_status", 600, ["http_status: must be <= 599"]),
+    ("http_status", "500", ["http_status: must be an integer"]),
+    ("error_type", "e" * 65, ["error_type: must be at most 64 characters"]),
+    ("queries", 0, ["queries: must be >= 1"]),
+    ("documents", -1, ["documents: must be >= 0"]),
+    ("documents", 100_001, ["documents: must be <= 100000"]),
+    ("documents", 1.5, ["documents: must be an integer"]),
+    ("documents", MISSING, ["documents: required"]),
+    ("input_tokens", -5, ["input_tokens: must be >= 0"]),
+    ("input_tokens", True, ["input_tokens: must be an integer"]),
+    ("output_tokens", -1, ["output_tokens: must be >= 0"]),
+    ("latency_ms", -0.5, ["latency_ms: must be >= 0"]),
+    ("latency_ms", "fast", ["latency_ms: must be a number"]),
+    ("latency_ms", MISSING, ["latency_ms: required"]),
+    ("fallbacks", "cohere", ["fallbacks: must be a list"]),
+    ("fallbacks", [{"latency_ms": 3}], ["fallbacks[0].provider: required"]),
+    ("fallbacks", [{"provider": "Azure", "latency_ms": 3}],
+     ["fallbacks[0].provider: must contain only [a-z0-9_-]"]),
+    ("fallbacks", [{"provider": "azure", "latency_ms": -3, "http_status": 42}],
+     ["fallbacks[0].latency_ms: must be >= 0", "fallbacks[0].http_status: must be >= 100"]),
+]
+
+
+def post(client: TestClient, headers: dict[str, str], path: str, body: Any,
+         content_type: str = "application/json") -> Any:
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    return client.post(path, content=data, headers={**headers, "content-type": content_type})
+
+
+@pytest.mark.parametrize(("field", "value", "errors"), EVENT_RULES,
+                         ids=[f"{f}={str(v)[:12]}" for f, v, _ in EVENT_RULES])
+def test_event_rule_names_field_and_rule(client: TestClient, admin_headers: dict[str, str],
+                                         services: Services, field: str, value: Any,
+                                         errors: list[str]) -> None:
+    bad = event("bad")
+    if value is MISSING:
+        del bad[field]
+    else:
+        bad[field] = value
+    response = post(client, admin_headers, "/v1/events", {"events": [event("a"), bad, event("b")]})
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["accepted"] == 2 and body["duplicates"] == 0
+    expected_id = bad.get("event_id") if isinstance(bad.get("event_id"), str) else None
+    assert body["rejected"] == [{"index": 1, "event_id": expected_id, "errors": errors}]
+    assert stored_count(services) == (2, 2)
+
+
+def test_every_broken_rule_is_listed(client: TestClient, admin_headers: dict[str, str]) -> None:
+    bad = event("multi", documents=-1, provider="Bad Provider", status="meh", queries=0)
+    response = post(client, admin_headers, "/v1/events", {"events": [bad]})
+    assert response.json()["rejected"][0]["errors"] == [
+        "provider: must contain only [a-z0-9_-]",
+        'status: must be "ok" or "error"',
+        "queries: must be >= 1",
+        "documents: must be >= 0",
+    ]
+
+
+def test_optional_fields_and_defaults_are_stored(client: TestClient, admin_headers: dict[str, str],
+                                                 services: Services) -> None:
+    full = event("full", api_key_id="key-9", region="us-east", status="error", http_status=503,
+                 error_type="provider_5xx", queries=3, output_tokens=7,
+                 fallbacks=[{"provider": "azure", "model": "rerank-4-pro", "region": "us-east",
+                             "latency_ms": 40.5, "error_type": "timeout", "http_status": 504}])
+    minimal = event("minimal")
+    response = post(client, admin_headers, "/v1/events", {"events": [full, minimal]})
+    assert response.json() == {"accepted": 2, "duplicates": 0, "rejected": []}
+    stored_count(services)
+    rows = services.ch.query(
+        "SELECT event_id, api_key_id, region, status, http_status, error_type, queries,"
+        " output_tokens, fallbacks FROM rerank_events ORDER BY event_id"
+    ).result_rows
+    assert rows[0] == ("evt-full", "key-9", "us-east", "error", 503, "provider_5xx", 3, 7,
+                       [{"provider": "azure", "model": "rerank-4-pro", "region": "us-east",
+                         "latency_ms": 40.5, "error_type": "timeout", "http_status": 504}])
+    assert rows[1] == ("evt-minimal", "", "global", "ok", 0, "", 1, 0, [])
+
+
+def test_timestamp_offsets_are_normalised_to_utc(client: TestClient, admin_headers: dict[str, str],
+                                                 services: Services) -> None:
+    at = datetime.now(UTC).replace(microsecond=123000) - timedelta(hours=1)
+    local = at.astimezone(__import__("datetime").timezone(timedelta(hours=5, minutes=30)))
+    post(client, admin_headers, "/v1/events", {"events": [event("tz", timestamp=local.isoformat())]})
+    stored_count(services)
+    stored = services.ch.query("SELECT timestamp FROM rerank_events").result_rows[0][0]
+    assert stored.replace(tzinfo=UTC) == at
+
+
+PROBE_RULES: list[tuple[str, Any, list[str]]] = [
+    ("probe_id", MISSING, ["probe_id: required"]),
+    ("probe_id", "", ["probe_id: must not be empty"]),
+    ("timestamp", "2026-13-01T00:00:00Z",
+     ["timestamp: must be an RFC 3339 timestamp, e.g. 2026-11-27T10:00:00Z"]),
+    ("provider", "AWS", ["provider: must contain only [a-z0-9_-]"]),
+    ("ok", MISSING, ["ok: required"]),
+    ("ok", "yes", ["ok: must be true or false"]),
+    ("latency_ms", -1, ["latency_ms: must be >= 0"]),
+    ("http_status", 700, ["http_status: must be <= 599"]),
+    ("region", "r" * 65, ["region: must be at most 64 characters"]),
+    ("error", "e" * 1025, ["error: must be at most 1024 characters"]),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "errors"), PROBE_RULES,
+                         ids=[f"{f}={str(v)[:12]}" for f, v, _ in PROBE_RULES])
+def test_probe_rule_names_field_and_rule(client: TestClient, admin_headers: dict[str, str],
+                                         services: Services, field: str, value: Any,
+                                         errors: list[str]) -> None:
+    bad = probe("bad")
+    if value is MISSING:
+        del bad[field]
+    else:
+        bad[field] = value
+    response = post(client, admin_headers, "/v1/probes", {"probes": [probe("a"), bad]})
+    assert response.status_code == 202, response.text
+    expected_id = bad.get("probe_id") if isinstance(bad.get("probe_id"), str) else None
+    assert response.json() == {"accepted": 1, "duplicates": 0, "rejected": [
+        {"index": 1, "probe_id": expected_id, "errors": errors}]}
+    assert stored_count(services, "uptime_probes") == (1, 1)
+
+
+def test_ndjson_body(client: TestClient, admin_headers: dict[str, str], services: Services) -> None:
+    lines = [orjson.dumps(event(i)) for i in range(5)]
+    lines.insert(2, b"{not json")
+    lines.insert(4, orjson.dumps(event("neg", documents=-2)))
+    body = b"\n".join(lines) + b"\n\n"
+    response = post(client, admin_headers, "/v1/events", body, "application/x-ndjson")
+    assert response.status_code == 202
+    result = response.json()
+    assert result["accepted"] == 5 and result["duplicates"] == 0
+    assert [r["index"] for r in result["rejected"]] == [2, 4]
+    assert result["rejected"][0]["errors"][0].startswith("event: not valid JSON")
+    assert result["rejected"][1]["errors"] == ["documents: must be >= 0"]
+    assert stored_count(services) == (5, 5)
+
+
+@pytest.mark.parametrize(("body", "content_type", "message"), [
+    (b"", "application/json", "body: not valid JSON"),
+    (b"{events:[]}", "application/json", "body: not valid JSON"),
+    (b"[]", "application/json", 'body: must be a JSON object {"events": [...]}'),
+    (b'{"items": []}', "application/json", 'body: missing "events" (a list)'),
+    (b'{"events": {"a": 1}}', "application/json", "events: must be a list"),
+    (b"hello\nworld\n", "application/x-ndjson", "body: not valid NDJSON"),
+])
+def test_unusable_body_is_400(client: TestClient, admin_headers: dict[str, str], body: bytes,
+                              content_type: str, message: str) -> None:
+    response = post(client, admin_headers, "/v1/events", body, content_type)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith(message)
+
+
+def test_more_than_10000_events_is_413(client: TestClient, admin_headers: dict[str, str],
+                                       services: Services) -> None:
+    events = [event(i) for i in range(10_001)]
+    response = post(client, admin_headers, "/v1/events", {"events": events})
+    assert response.status_code == 413
+    assert response.json()["error"] == "events: at most 10000 per request"
+    ok = post(client, admin_headers, "/v1/events", {"events": events[:10_000]})
+    assert ok.json()["accepted"] == 10_000
+    assert stored_count(services) == (10_000, 10_000)
+
+
+def test_body_over_16_mib_is_413(client: TestClient, admin_headers: dict[str, str]) -> None:
+    padding = "x" * (16 * 1024 * 1024)
+    response = post(client, admin_headers, "/v1/events",
+                    {"events": [event(1, model="m")], "pad": padding})
+    assert response.status_code == 413
+    assert "16 MiB" in response.json()["error"]
+
+
+def test_empty_batch_is_fine(client: TestClient, admin_headers: dict[str, str]) -> None:
+    response = post(client, admin_headers, "/v1/events", {"events": []})
+    assert response.json() == {"accepted": 0, "duplicates": 0, "rejected": []}
