@@ -1,0 +1,153 @@
+"""Resending any mix of accepted events changes no figure: in a batch, across batches,
+after a restart, from two clients at once, and after a failed ClickHouse insert."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import orjson
+from fastapi.testclient import TestClient
+
+from metering.app import create_app, wait_ready
+from metering.services import Services
+from metering.settings import Settings
+from tests.conftest import ADMIN_TOKEN
+from tests.ingest.helpers import event, probe, stored_count
+
+
+def send(client: TestClient, headers: dict[str, str], events: list[dict[str, Any]]) -> Any:
+    response = client.post("/v1/events", content=orjson.dumps({"events": events}),
+                           headers={**headers, "content-type": "application/json"})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def test_repeat_inside_one_batch_counts_once(client: TestClient, admin_headers: dict[str, str],
+                                             services: Services) -> None:
+    batch = [event(1), event(2), event(1), event(3), event(2, documents=999)]
+    assert send(client, admin_headers, batch) == {"accepted": 3, "duplicates": 2, "rejected": []}
+    assert stored_count(services) == (3, 3)
+    docs = services.ch.query("SELECT documents FROM rerank_events WHERE event_id = 'evt-2'")
+    assert docs.result_rows == [(50,)]  # the first occurrence wins
+
+
+def test_invalid_first_copy_does_not_shadow_a_valid_one(
+    client: TestClient, admin_headers: dict[str, str], services: Services
+) -> None:
+    result = send(client, admin_headers, [event(1, documents=-1), event(1)])
+    assert (result["accepted"], result["duplicates"], len(result["rejected"])) == (1, 0, 1)
+    assert stored_count(services) == (1, 1)
+
+
+def test_resend_across_batches(client: TestClient, admin_headers: dict[str, str],
+                               services: Services) -> None:
+    first = [event(i) for i in range(1000)]
+    assert send(client, admin_headers, first)["accepted"] == 1000
+    assert send(client, admin_headers, first)["duplicates"] == 1000
+    mixed = [event(i) for i in range(500, 1500)]
+    assert send(client, admin_headers, mixed) == {"accepted": 500, "duplicates": 500,
+                                                  "rejected": []}
+    services.events.wait_stored()
+    # Old retries are answered from ClickHouse once the in-memory layers forgot them.
+    services.events.gate._recent.clear()
+    services.events.gate._recent_old.clear()
+    lookups = services.events.gate.lookups
+    assert send(client, admin_headers, [event(7), event(1499), event(5000)]) == {
+        "accepted": 1, "duplicates": 2, "rejected": []}
+    assert services.events.gate.lookups == lookups + 1
+    assert stored_count(services) == (1501, 1501)
+
+
+def test_probes_are_deduplicated_too(client: TestClient, admin_headers: dict[str, str],
+                                     services: Services) -> None:
+    for _ in range(2):
+        client.post("/v1/probes", json={"probes": [probe(1), probe(2), probe(1)]},
+                    headers=admin_headers)
+    assert stored_count(services, "uptime_probes") == (2, 2)
+
+
+def test_two_clients_sending_the_same_batch_at_once(
+    client: TestClient, admin_headers: dict[str, str], services: Services
+) -> None:
+    batches = [[event(f"{b}-{i}") for i in range(500)] for b in range(20)]
+    results: list[dict[str, int]] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for batch in batches:
+            result = send(client, admin_headers, batch)
+            with lock:
+                results.append(result)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(r["accepted"] for r in results) == 20 * 500
+    assert sum(r["duplicates"] for r in results) == 2 * 20 * 500
+    assert stored_count(services) == (10_000, 10_000)
+
+
+def test_resend_after_restart(settings: Settings, admin_headers: dict[str, str]) -> None:
+    batch = [event(i) for i in range(2000)]
+    app = create_app(settings, ADMIN_TOKEN, run_scheduler=False)
+    with TestClient(app) as first:
+        wait_ready(app)
+        assert send(first, admin_headers, batch)["accepted"] == 2000
+    app = create_app(settings, ADMIN_TOKEN, run_scheduler=False)
+    with TestClient(app) as second:
+        services = wait_ready(app)
+        assert send(second, admin_headers, batch) == {"accepted": 0, "duplicates": 2000,
+                                                      "rejected": []}
+        assert send(second, admin_headers, [event(5), event(2001)])["accepted"] == 1
+        assert stored_count(services) == (2001, 2001)
+        # A restart applies no migration twice and keeps every row.
+        assert services.migrate() == ([], [])
+
+
+def test_failed_insert_is_retried_without_double_counting(
+    client: TestClient, admin_headers: dict[str, str], services: Services
+) -> None:
+    """The rows reach ClickHouse but the id insert fails: the retry must skip the rows."""
+    store = services.events.store
+    real_insert_ids = store.insert_ids
+    failures = {"left": 2}
+
+    def flaky_insert_ids(ids: list[str]) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionError("simulated ClickHouse failure after the rows were stored")
+        real_insert_ids(ids)
+
+    store.insert_ids = flaky_insert_ids  # type: ignore[method-assign]
+    try:
+        assert send(client, admin_headers, [event(i) for i in range(300)])["accepted"] == 300
+        assert services.events.wait_stored(timeout=15)
+    finally:
+        store.insert_ids = real_insert_ids  # type: ignore[method-assign]
+    assert failures["left"] == 0
+    assert stored_count(services) == (300, 300)
+    ids = services.ch.query("SELECT count() FROM ingested_ids FINAL WHERE stream = 'events'")
+    assert ids.result_rows == [(300,)]
+
+
+def test_spool_replay_after_crash_stores_once(settings: Settings,
+                                              admin_headers: dict[str, str]) -> None:
+    """Records spooled but not stored (the writer never ran) are stored at next start."""
+    app = create_app(settings, ADMIN_TOKEN, run_scheduler=False)
+    with TestClient(app) as first:
+        services = wait_ready(app)
+        services.events._stopping.set()  # the writer stops: records stay in the spool
+        services.events._wake.set()
+        services.events._thread.join()  # type: ignore[union-attr]
+        assert send(first, admin_headers, [event(i) for i in range(100)])["accepted"] == 100
+        assert services.events.spool.pending_bytes > 0
+        services.ready = False  # skip the drain on shutdown, like a crash
+    app = create_app(settings, ADMIN_TOKEN, run_scheduler=False)
+    with TestClient(app) as second:
+        services = wait_ready(app)
+        assert services.events.spool.pending_bytes == 0
+        assert send(second, admin_headers, [event(i) for i in range(100)])["duplicates"] == 100
+        assert stored_count(services) == (100, 100)
