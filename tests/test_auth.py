@@ -54,20 +54,25 @@ def test_scopes_matrix(client: TestClient, admin_headers: dict[str, str]) -> Non
     admin_key = make_key(client, admin_headers, scopes=["admin"])["key"]
 
     for key in (ingest, admin_key):
-        assert client.post("/v1/events", json={"events": []}, headers=bearer(key)).status_code == 202
+        assert (
+            client.post("/v1/events", json={"events": []}, headers=bearer(key)).status_code == 202
+        )
     denied = client.post("/v1/events", json={"events": []}, headers=bearer(read))
     assert denied.status_code == 403
     assert "ingest" in denied.json()["error"]
 
     for key in (ingest, read):
         assert client.get("/v1/api-keys", headers=bearer(key)).status_code == 403
-        assert client.post("/v1/api-keys", json={"scopes": ["admin"]},
-                           headers=bearer(key)).status_code == 403
+        assert (
+            client.post("/v1/api-keys", json={"scopes": ["admin"]}, headers=bearer(key)).status_code
+            == 403
+        )
     assert client.get("/v1/api-keys", headers=bearer(admin_key)).status_code == 200
 
 
-def test_keys_are_stored_only_as_hashes(client: TestClient, services: Services,
-                                        admin_headers: dict[str, str]) -> None:
+def test_keys_are_stored_only_as_hashes(
+    client: TestClient, services: Services, admin_headers: dict[str, str]
+) -> None:
     created = make_key(client, admin_headers, scopes=["ingest"], name="gateway")
     key = created["key"]
     with services.engine.connect() as conn:
@@ -83,8 +88,10 @@ def test_keys_are_stored_only_as_hashes(client: TestClient, services: Services,
 
 def test_revoked_key_is_refused_at_once(client: TestClient, admin_headers: dict[str, str]) -> None:
     created = make_key(client, admin_headers, scopes=["ingest"])
-    assert client.post("/v1/events", json={"events": []},
-                       headers=bearer(created["key"])).status_code == 202
+    assert (
+        client.post("/v1/events", json={"events": []}, headers=bearer(created["key"])).status_code
+        == 202
+    )
     assert client.delete(f"/v1/api-keys/{created['id']}", headers=admin_headers).status_code == 204
     response = client.post("/v1/events", json={"events": []}, headers=bearer(created["key"]))
     assert response.status_code == 401
@@ -96,8 +103,9 @@ def test_revoked_key_is_refused_at_once(client: TestClient, admin_headers: dict[
 def test_only_read_keys_bind_to_a_tenant(client: TestClient, admin_headers: dict[str, str]) -> None:
     bound = make_key(client, admin_headers, scopes=["read"], tenant_id="acct-1")
     assert bound["tenant_id"] == "acct-1"
-    response = client.post("/v1/api-keys", json={"scopes": ["ingest"], "tenant_id": "acct-1"},
-                           headers=admin_headers)
+    response = client.post(
+        "/v1/api-keys", json={"scopes": ["ingest"], "tenant_id": "acct-1"}, headers=admin_headers
+    )
     assert response.status_code == 422
     assert response.json()["errors"] == [
         'tenant_id: only keys with scopes ["read"] can be bound to a tenant'

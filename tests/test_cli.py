@@ -39,7 +39,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [*METERING, "serve", "--port", str(self.port)],
-            env=env_for(data_dir, **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=env_for(data_dir, **extra),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
         )
 
@@ -83,8 +85,15 @@ def test_serve_answers_health_ready_and_openapi(server: Server, data_dir: Path) 
     assert httpx.get(f"{server.url}/healthz").status_code == 200
     assert httpx.get(f"{server.url}/readyz").json() == {"status": "ready"}
     paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
-    for path in ("/healthz", "/readyz", "/metrics", "/v1/events", "/v1/probes", "/v1/api-keys",
-                 "/v1/api-keys/{key_id}"):
+    for path in (
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v1/events",
+        "/v1/probes",
+        "/v1/api-keys",
+        "/v1/api-keys/{key_id}",
+    ):
         assert path in paths, path
     assert "application/x-ndjson" in paths["/v1/events"]["post"]["requestBody"]["content"]
     assert httpx.get(f"{server.url}/", follow_redirects=False).headers["location"] == "/dashboard"
@@ -96,8 +105,11 @@ def test_serve_answers_health_ready_and_openapi(server: Server, data_dir: Path) 
 
 def test_second_serve_on_busy_data_dir_fails_with_one_line(server: Server, data_dir: Path) -> None:
     second = subprocess.run(
-        [*METERING, "serve", "--port", str(free_port())], env=env_for(data_dir),
-        capture_output=True, text=True, timeout=60,
+        [*METERING, "serve", "--port", str(free_port())],
+        env=env_for(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert second.returncode != 0
     lines = second.stderr.strip().splitlines()
@@ -117,8 +129,9 @@ def test_restart_keeps_rows_and_applies_no_migration_twice(data_dir: Path) -> No
     finally:
         out, err = first.stop()
     assert "applied migrations" in err
-    again = subprocess.run([*METERING, "migrate"], env=env_for(data_dir), capture_output=True,
-                           text=True, timeout=60)
+    again = subprocess.run(
+        [*METERING, "migrate"], env=env_for(data_dir), capture_output=True, text=True, timeout=60
+    )
     assert again.stdout.splitlines() == ["relational: up to date", "clickhouse: up to date"]
     second = Server(data_dir, METERING_ADMIN_TOKEN="tok")
     try:
@@ -132,11 +145,17 @@ def test_restart_keeps_rows_and_applies_no_migration_twice(data_dir: Path) -> No
 
 
 def test_migrate_dry_run_prints_sql_and_applies_nothing(data_dir: Path) -> None:
-    dry = subprocess.run([*METERING, "migrate", "--dry-run"], env=env_for(data_dir),
-                         capture_output=True, text=True, timeout=60)
+    dry = subprocess.run(
+        [*METERING, "migrate", "--dry-run"],
+        env=env_for(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert dry.returncode == 0, dry.stderr
     assert "CREATE TABLE IF NOT EXISTS rerank_events" in dry.stdout
     assert "CREATE TABLE tenants" in dry.stdout
-    real = subprocess.run([*METERING, "migrate"], env=env_for(data_dir), capture_output=True,
-                          text=True, timeout=60)
+    real = subprocess.run(
+        [*METERING, "migrate"], env=env_for(data_dir), capture_output=True, text=True, timeout=60
+    )
     assert "0001_create_rerank_events" in real.stdout and "relational: 0001" in real.stdout

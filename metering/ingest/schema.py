@@ -32,7 +32,11 @@ AccountId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 ProviderName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
-NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+# Storage bounds the contract leaves open: token counts fit sums over years of events in
+# ClickHouse's UInt64, queries fit UInt32.
+MAX_TOKENS = 10**12
+MAX_QUERIES = 2**32 - 1
+Tokens = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)]
 HttpStatus = Annotated[int, msgspec.Meta(ge=100, le=599)]
 Short = Annotated[str, msgspec.Meta(max_length=64)]
 
@@ -59,14 +63,14 @@ class Event(msgspec.Struct):
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
     status: Literal["ok", "error"]
     documents: Annotated[int, msgspec.Meta(ge=0, le=100_000)]
-    input_tokens: NonNegInt
+    input_tokens: Tokens
     latency_ms: NonNegFloat
     api_key_id: Short | None = None
     region: Short = "global"
     http_status: HttpStatus | None = None
     error_type: Short | None = None
-    queries: Annotated[int, msgspec.Meta(ge=1)] = 1
-    output_tokens: NonNegInt = 0
+    queries: Annotated[int, msgspec.Meta(ge=1, le=MAX_QUERIES)] = 1
+    output_tokens: Tokens = 0
     fallbacks: list[Fallback] = msgspec.field(default_factory=list)
 
 
@@ -317,10 +321,10 @@ def explain_event(item: Any) -> list[str]:
     _check_int(errors, "http_status", g("http_status", _MISSING), required=False, ge=100, le=599)
     _check_str(errors, "error_type", g("error_type", _MISSING), required=False, max_len=64)
     for name, required, ge, le in (
-        ("queries", False, 1, None),
+        ("queries", False, 1, MAX_QUERIES),
         ("documents", True, 0, 100_000),
-        ("input_tokens", True, 0, None),
-        ("output_tokens", False, 0, None),
+        ("input_tokens", True, 0, MAX_TOKENS),
+        ("output_tokens", False, 0, MAX_TOKENS),
     ):
         value = g(name, _MISSING)
         if value is None and not required:

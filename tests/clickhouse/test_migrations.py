@@ -30,9 +30,7 @@ def test_fresh_database_gets_every_migration_in_order(ch_client) -> None:  # typ
 
 def test_rerun_applies_nothing_and_keeps_rows(ch_client) -> None:  # type: ignore[no-untyped-def]
     runner.migrate(ch_client)
-    ch_client.command(
-        "INSERT INTO ingested_ids (stream, id) VALUES ('events', 'kept')"
-    )
+    ch_client.command("INSERT INTO ingested_ids (stream, id) VALUES ('events', 'kept')")
     assert runner.migrate(ch_client) == []
     assert runner.pending(ch_client) == []
     count = ch_client.query("SELECT count() FROM schema_migrations").result_rows[0][0]
@@ -86,8 +84,12 @@ def test_migration_file_names_are_checked(tmp_path: Path) -> None:
 
 
 def test_statements_split_on_semicolons_and_skip_comments() -> None:
-    migration = runner.Migration(9, "0009_x", "-- why\nCREATE TABLE a (x UInt8) ENGINE=Log;\n"
-                                             "-- and\nCREATE TABLE b (x UInt8) ENGINE=Log;\n")
+    migration = runner.Migration(
+        9,
+        "0009_x",
+        "-- why\nCREATE TABLE a (x UInt8) ENGINE=Log;\n"
+        "-- and\nCREATE TABLE b (x UInt8) ENGINE=Log;\n",
+    )
     assert migration.statements() == [
         "CREATE TABLE a (x UInt8) ENGINE=Log",
         "CREATE TABLE b (x UInt8) ENGINE=Log",

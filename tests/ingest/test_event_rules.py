@@ -3,6 +3,7 @@ acceptance; body-level errors (400/413)."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,7 +27,11 @@ EVENT_RULES: list[tuple[str, Any, list[str]]] = [
     ("event_id", "x" * 129, ["event_id: must be at most 128 characters"]),
     ("event_id", 7, ["event_id: must be a string"]),
     ("timestamp", MISSING, ["timestamp: required"]),
-    ("timestamp", "yesterday", ["timestamp: must be an RFC 3339 timestamp, e.g. 2026-11-27T10:00:00Z"]),
+    (
+        "timestamp",
+        "yesterday",
+        ["timestamp: must be an RFC 3339 timestamp, e.g. 2026-11-27T10:00:00Z"],
+    ),
     ("timestamp", "2026-11-27T10:00:00", ["timestamp: must include a UTC offset (Z or +hh:mm)"]),
     ("timestamp", _minus(minutes=-6), ["timestamp: must not be more than 5 minutes in the future"]),
     ("timestamp", _minus(days=401), ["timestamp: must not be more than 400 days old"]),
@@ -55,30 +60,50 @@ EVENT_RULES: list[tuple[str, Any, list[str]]] = [
     ("documents", MISSING, ["documents: required"]),
     ("input_tokens", -5, ["input_tokens: must be >= 0"]),
     ("input_tokens", True, ["input_tokens: must be an integer"]),
+    ("input_tokens", 10**12 + 1, ["input_tokens: must be <= 1000000000000"]),
+    ("input_tokens", 2**64, ["input_tokens: must be <= 1000000000000"]),
+    ("queries", 2**32, ["queries: must be <= 4294967295"]),
     ("output_tokens", -1, ["output_tokens: must be >= 0"]),
     ("latency_ms", -0.5, ["latency_ms: must be >= 0"]),
     ("latency_ms", "fast", ["latency_ms: must be a number"]),
     ("latency_ms", MISSING, ["latency_ms: required"]),
     ("fallbacks", "cohere", ["fallbacks: must be a list"]),
     ("fallbacks", [{"latency_ms": 3}], ["fallbacks[0].provider: required"]),
-    ("fallbacks", [{"provider": "Azure", "latency_ms": 3}],
-     ["fallbacks[0].provider: must contain only [a-z0-9_-]"]),
-    ("fallbacks", [{"provider": "azure", "latency_ms": -3, "http_status": 42}],
-     ["fallbacks[0].latency_ms: must be >= 0", "fallbacks[0].http_status: must be >= 100"]),
+    (
+        "fallbacks",
+        [{"provider": "Azure", "latency_ms": 3}],
+        ["fallbacks[0].provider: must contain only [a-z0-9_-]"],
+    ),
+    (
+        "fallbacks",
+        [{"provider": "azure", "latency_ms": -3, "http_status": 42}],
+        ["fallbacks[0].latency_ms: must be >= 0", "fallbacks[0].http_status: must be >= 100"],
+    ),
 ]
 
 
-def post(client: TestClient, headers: dict[str, str], path: str, body: Any,
-         content_type: str = "application/json") -> Any:
-    data = body if isinstance(body, bytes) else orjson.dumps(body)
+def post(
+    client: TestClient,
+    headers: dict[str, str],
+    path: str,
+    body: Any,
+    content_type: str = "application/json",
+) -> Any:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
     return client.post(path, content=data, headers={**headers, "content-type": content_type})
 
 
-@pytest.mark.parametrize(("field", "value", "errors"), EVENT_RULES,
-                         ids=[f"{f}={str(v)[:12]}" for f, v, _ in EVENT_RULES])
-def test_event_rule_names_field_and_rule(client: TestClient, admin_headers: dict[str, str],
-                                         services: Services, field: str, value: Any,
-                                         errors: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("field", "value", "errors"), EVENT_RULES, ids=[f"{f}={str(v)[:12]}" for f, v, _ in EVENT_RULES]
+)
+def test_event_rule_names_field_and_rule(
+    client: TestClient,
+    admin_headers: dict[str, str],
+    services: Services,
+    field: str,
+    value: Any,
+    errors: list[str],
+) -> None:
     bad = event("bad")
     if value is MISSING:
         del bad[field]
@@ -104,12 +129,29 @@ def test_every_broken_rule_is_listed(client: TestClient, admin_headers: dict[str
     ]
 
 
-def test_optional_fields_and_defaults_are_stored(client: TestClient, admin_headers: dict[str, str],
-                                                 services: Services) -> None:
-    full = event("full", api_key_id="key-9", region="us-east", status="error", http_status=503,
-                 error_type="provider_5xx", queries=3, output_tokens=7,
-                 fallbacks=[{"provider": "azure", "model": "rerank-4-pro", "region": "us-east",
-                             "latency_ms": 40.5, "error_type": "timeout", "http_status": 504}])
+def test_optional_fields_and_defaults_are_stored(
+    client: TestClient, admin_headers: dict[str, str], services: Services
+) -> None:
+    full = event(
+        "full",
+        api_key_id="key-9",
+        region="us-east",
+        status="error",
+        http_status=503,
+        error_type="provider_5xx",
+        queries=3,
+        output_tokens=7,
+        fallbacks=[
+            {
+                "provider": "azure",
+                "model": "rerank-4-pro",
+                "region": "us-east",
+                "latency_ms": 40.5,
+                "error_type": "timeout",
+                "http_status": 504,
+            }
+        ],
+    )
     minimal = event("minimal")
     response = post(client, admin_headers, "/v1/events", {"events": [full, minimal]})
     assert response.json() == {"accepted": 2, "duplicates": 0, "rejected": []}
@@ -118,17 +160,37 @@ def test_optional_fields_and_defaults_are_stored(client: TestClient, admin_heade
         "SELECT event_id, api_key_id, region, status, http_status, error_type, queries,"
         " output_tokens, fallbacks FROM rerank_events ORDER BY event_id"
     ).result_rows
-    assert rows[0] == ("evt-full", "key-9", "us-east", "error", 503, "provider_5xx", 3, 7,
-                       [{"provider": "azure", "model": "rerank-4-pro", "region": "us-east",
-                         "latency_ms": 40.5, "error_type": "timeout", "http_status": 504}])
+    assert rows[0] == (
+        "evt-full",
+        "key-9",
+        "us-east",
+        "error",
+        503,
+        "provider_5xx",
+        3,
+        7,
+        [
+            {
+                "provider": "azure",
+                "model": "rerank-4-pro",
+                "region": "us-east",
+                "latency_ms": 40.5,
+                "error_type": "timeout",
+                "http_status": 504,
+            }
+        ],
+    )
     assert rows[1] == ("evt-minimal", "", "global", "ok", 0, "", 1, 0, [])
 
 
-def test_timestamp_offsets_are_normalised_to_utc(client: TestClient, admin_headers: dict[str, str],
-                                                 services: Services) -> None:
+def test_timestamp_offsets_are_normalised_to_utc(
+    client: TestClient, admin_headers: dict[str, str], services: Services
+) -> None:
     at = datetime.now(UTC).replace(microsecond=123000) - timedelta(hours=1)
     local = at.astimezone(__import__("datetime").timezone(timedelta(hours=5, minutes=30)))
-    post(client, admin_headers, "/v1/events", {"events": [event("tz", timestamp=local.isoformat())]})
+    post(
+        client, admin_headers, "/v1/events", {"events": [event("tz", timestamp=local.isoformat())]}
+    )
     stored_count(services)
     stored = services.ch.query("SELECT timestamp FROM rerank_events").result_rows[0][0]
     assert stored.replace(tzinfo=UTC) == at
@@ -137,8 +199,11 @@ def test_timestamp_offsets_are_normalised_to_utc(client: TestClient, admin_heade
 PROBE_RULES: list[tuple[str, Any, list[str]]] = [
     ("probe_id", MISSING, ["probe_id: required"]),
     ("probe_id", "", ["probe_id: must not be empty"]),
-    ("timestamp", "2026-13-01T00:00:00Z",
-     ["timestamp: must be an RFC 3339 timestamp, e.g. 2026-11-27T10:00:00Z"]),
+    (
+        "timestamp",
+        "2026-13-01T00:00:00Z",
+        ["timestamp: must be an RFC 3339 timestamp, e.g. 2026-11-27T10:00:00Z"],
+    ),
     ("provider", "AWS", ["provider: must contain only [a-z0-9_-]"]),
     ("ok", MISSING, ["ok: required"]),
     ("ok", "yes", ["ok: must be true or false"]),
@@ -149,11 +214,17 @@ PROBE_RULES: list[tuple[str, Any, list[str]]] = [
 ]
 
 
-@pytest.mark.parametrize(("field", "value", "errors"), PROBE_RULES,
-                         ids=[f"{f}={str(v)[:12]}" for f, v, _ in PROBE_RULES])
-def test_probe_rule_names_field_and_rule(client: TestClient, admin_headers: dict[str, str],
-                                         services: Services, field: str, value: Any,
-                                         errors: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("field", "value", "errors"), PROBE_RULES, ids=[f"{f}={str(v)[:12]}" for f, v, _ in PROBE_RULES]
+)
+def test_probe_rule_names_field_and_rule(
+    client: TestClient,
+    admin_headers: dict[str, str],
+    services: Services,
+    field: str,
+    value: Any,
+    errors: list[str],
+) -> None:
     bad = probe("bad")
     if value is MISSING:
         del bad[field]
@@ -162,8 +233,11 @@ def test_probe_rule_names_field_and_rule(client: TestClient, admin_headers: dict
     response = post(client, admin_headers, "/v1/probes", {"probes": [probe("a"), bad]})
     assert response.status_code == 202, response.text
     expected_id = bad.get("probe_id") if isinstance(bad.get("probe_id"), str) else None
-    assert response.json() == {"accepted": 1, "duplicates": 0, "rejected": [
-        {"index": 1, "probe_id": expected_id, "errors": errors}]}
+    assert response.json() == {
+        "accepted": 1,
+        "duplicates": 0,
+        "rejected": [{"index": 1, "probe_id": expected_id, "errors": errors}],
+    }
     assert stored_count(services, "uptime_probes") == (1, 1)
 
 
@@ -182,23 +256,28 @@ def test_ndjson_body(client: TestClient, admin_headers: dict[str, str], services
     assert stored_count(services) == (5, 5)
 
 
-@pytest.mark.parametrize(("body", "content_type", "message"), [
-    (b"", "application/json", "body: not valid JSON"),
-    (b"{events:[]}", "application/json", "body: not valid JSON"),
-    (b"[]", "application/json", 'body: must be a JSON object {"events": [...]}'),
-    (b'{"items": []}', "application/json", 'body: missing "events" (a list)'),
-    (b'{"events": {"a": 1}}', "application/json", "events: must be a list"),
-    (b"hello\nworld\n", "application/x-ndjson", "body: not valid NDJSON"),
-])
-def test_unusable_body_is_400(client: TestClient, admin_headers: dict[str, str], body: bytes,
-                              content_type: str, message: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "content_type", "message"),
+    [
+        (b"", "application/json", "body: not valid JSON"),
+        (b"{events:[]}", "application/json", "body: not valid JSON"),
+        (b"[]", "application/json", 'body: must be a JSON object {"events": [...]}'),
+        (b'{"items": []}', "application/json", 'body: missing "events" (a list)'),
+        (b'{"events": {"a": 1}}', "application/json", "events: must be a list"),
+        (b"hello\nworld\n", "application/x-ndjson", "body: not valid NDJSON"),
+    ],
+)
+def test_unusable_body_is_400(
+    client: TestClient, admin_headers: dict[str, str], body: bytes, content_type: str, message: str
+) -> None:
     response = post(client, admin_headers, "/v1/events", body, content_type)
     assert response.status_code == 400
     assert response.json()["error"].startswith(message)
 
 
-def test_more_than_10000_events_is_413(client: TestClient, admin_headers: dict[str, str],
-                                       services: Services) -> None:
+def test_more_than_10000_events_is_413(
+    client: TestClient, admin_headers: dict[str, str], services: Services
+) -> None:
     events = [event(i) for i in range(10_001)]
     response = post(client, admin_headers, "/v1/events", {"events": events})
     assert response.status_code == 413
@@ -210,8 +289,9 @@ def test_more_than_10000_events_is_413(client: TestClient, admin_headers: dict[s
 
 def test_body_over_16_mib_is_413(client: TestClient, admin_headers: dict[str, str]) -> None:
     padding = "x" * (16 * 1024 * 1024)
-    response = post(client, admin_headers, "/v1/events",
-                    {"events": [event(1, model="m")], "pad": padding})
+    response = post(
+        client, admin_headers, "/v1/events", {"events": [event(1, model="m")], "pad": padding}
+    )
     assert response.status_code == 413
     assert "16 MiB" in response.json()["error"]
 

@@ -17,14 +17,18 @@ from tests.ingest.helpers import event, probe, stored_count
 
 
 def send(client: TestClient, headers: dict[str, str], events: list[dict[str, Any]]) -> Any:
-    response = client.post("/v1/events", content=orjson.dumps({"events": events}),
-                           headers={**headers, "content-type": "application/json"})
+    response = client.post(
+        "/v1/events",
+        content=orjson.dumps({"events": events}),
+        headers={**headers, "content-type": "application/json"},
+    )
     assert response.status_code == 202, response.text
     return response.json()
 
 
-def test_repeat_inside_one_batch_counts_once(client: TestClient, admin_headers: dict[str, str],
-                                             services: Services) -> None:
+def test_repeat_inside_one_batch_counts_once(
+    client: TestClient, admin_headers: dict[str, str], services: Services
+) -> None:
     batch = [event(1), event(2), event(1), event(3), event(2, documents=999)]
     assert send(client, admin_headers, batch) == {"accepted": 3, "duplicates": 2, "rejected": []}
     assert stored_count(services) == (3, 3)
@@ -40,30 +44,39 @@ def test_invalid_first_copy_does_not_shadow_a_valid_one(
     assert stored_count(services) == (1, 1)
 
 
-def test_resend_across_batches(client: TestClient, admin_headers: dict[str, str],
-                               services: Services) -> None:
+def test_resend_across_batches(
+    client: TestClient, admin_headers: dict[str, str], services: Services
+) -> None:
     first = [event(i) for i in range(1000)]
     assert send(client, admin_headers, first)["accepted"] == 1000
     assert send(client, admin_headers, first)["duplicates"] == 1000
     mixed = [event(i) for i in range(500, 1500)]
-    assert send(client, admin_headers, mixed) == {"accepted": 500, "duplicates": 500,
-                                                  "rejected": []}
+    assert send(client, admin_headers, mixed) == {
+        "accepted": 500,
+        "duplicates": 500,
+        "rejected": [],
+    }
     services.events.wait_stored()
     # Old retries are answered from ClickHouse once the in-memory layers forgot them.
     services.events.gate._recent.clear()
     services.events.gate._recent_old.clear()
     lookups = services.events.gate.lookups
     assert send(client, admin_headers, [event(7), event(1499), event(5000)]) == {
-        "accepted": 1, "duplicates": 2, "rejected": []}
+        "accepted": 1,
+        "duplicates": 2,
+        "rejected": [],
+    }
     assert services.events.gate.lookups == lookups + 1
     assert stored_count(services) == (1501, 1501)
 
 
-def test_probes_are_deduplicated_too(client: TestClient, admin_headers: dict[str, str],
-                                     services: Services) -> None:
+def test_probes_are_deduplicated_too(
+    client: TestClient, admin_headers: dict[str, str], services: Services
+) -> None:
     for _ in range(2):
-        client.post("/v1/probes", json={"probes": [probe(1), probe(2), probe(1)]},
-                    headers=admin_headers)
+        client.post(
+            "/v1/probes", json={"probes": [probe(1), probe(2), probe(1)]}, headers=admin_headers
+        )
     assert stored_count(services, "uptime_probes") == (2, 2)
 
 
@@ -99,8 +112,11 @@ def test_resend_after_restart(settings: Settings, admin_headers: dict[str, str])
     app = create_app(settings, ADMIN_TOKEN, run_scheduler=False)
     with TestClient(app) as second:
         services = wait_ready(app)
-        assert send(second, admin_headers, batch) == {"accepted": 0, "duplicates": 2000,
-                                                      "rejected": []}
+        assert send(second, admin_headers, batch) == {
+            "accepted": 0,
+            "duplicates": 2000,
+            "rejected": [],
+        }
         assert send(second, admin_headers, [event(5), event(2001)])["accepted"] == 1
         assert stored_count(services) == (2001, 2001)
         # A restart applies no migration twice and keeps every row.
@@ -133,8 +149,9 @@ def test_failed_insert_is_retried_without_double_counting(
     assert ids.result_rows == [(300,)]
 
 
-def test_spool_replay_after_crash_stores_once(settings: Settings,
-                                              admin_headers: dict[str, str]) -> None:
+def test_spool_replay_after_crash_stores_once(
+    settings: Settings, admin_headers: dict[str, str]
+) -> None:
     """Records spooled but not stored (the writer never ran) are stored at next start."""
     app = create_app(settings, ADMIN_TOKEN, run_scheduler=False)
     with TestClient(app) as first:

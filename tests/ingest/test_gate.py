@@ -40,8 +40,7 @@ def test_gate_is_exact_and_grows(monkeypatch) -> None:  # type: ignore[no-untype
         yield key_hashes(sorted(stored))
 
     gate = DedupGate(lookup, source)
-    seq = 0
-    for start in range(0, 5000, 500):
+    for seq, start in enumerate(range(0, 5000, 500)):
         keys = [f"e{i}" for i in range(start, start + 500)] + [f"e{start}"]
         with gate.lock:
             fresh = gate.admit(keys)
@@ -49,7 +48,6 @@ def test_gate_is_exact_and_grows(monkeypatch) -> None:  # type: ignore[no-untype
             gate.mark_pending(seq, keys[:500])
         stored.update(keys[:500])
         gate.stored(seq)
-        seq += 1
     assert gate.bloom.capacity >= 5000
     gate._recent.clear()
     gate._recent_old.clear()

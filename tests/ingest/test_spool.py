@@ -60,8 +60,9 @@ def test_torn_tail_is_cut_off(tmp_path: Path) -> None:
     assert [r.data for r in records] == [b"whole\n", b"after\n"]
 
 
-def test_segments_rotate_and_are_deleted_after_commit(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_segments_rotate_and_are_deleted_after_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(spool_module, "SEGMENT_BYTES", 200)
     spool = make(tmp_path)
     for i in range(20):
@@ -75,7 +76,8 @@ def test_segments_rotate_and_are_deleted_after_commit(tmp_path: Path,
     assert spool.pending_bytes == 0
     spool.append(b"", b"next\n", 1)
     assert [r.data for r in spool.read(spool.checkpoint, max_bytes=1 << 20, max_count=9)] == [
-        b"next\n"]
+        b"next\n"
+    ]
 
 
 def test_full_spool_refuses_and_recovers_after_commit(tmp_path: Path) -> None:
