@@ -8,6 +8,7 @@ them. The HTTP app, the scheduler and the CLI all go through this one object.
 from __future__ import annotations
 
 import logging
+from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +29,7 @@ from metering.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def _event_key(event: Event) -> tuple[str, str]:
-    return (event.tenant_id, event.project_id)
+_event_key = attrgetter("tenant_id", "project_id")
 
 
 @dataclass

@@ -95,8 +95,9 @@ class DedupGate:
         self._source = source
         self.lock = threading.Lock()
         self.bloom = BloomFilter(MIN_CAPACITY)
-        self._pending: dict[str, int] = {}
-        self._pending_by_seq: deque[tuple[int, list[str]]] = deque()
+        # Admitted, not yet stored: (spool record seq, its keys), oldest first. Usually a
+        # few records; asked only about Bloom positives, so a scan is cheap.
+        self._pending: deque[tuple[int, set[str]]] = deque()
         self._recent: set[str] = set()
         self._recent_old: set[str] = set()
         self.lookups = 0
@@ -110,7 +111,8 @@ class DedupGate:
         bloom = BloomFilter(capacity)
         for chunk in self._source():
             bloom.add(chunk)
-        bloom.add(key_hashes(self._pending))
+        for _, keys in self._pending:
+            bloom.add(key_hashes(keys))
         if bloom.count > capacity // 2:
             self._rebuild(2 * bloom.count)
             return
@@ -121,17 +123,23 @@ class DedupGate:
         count once). Caller holds `lock` and must follow with `pending` or `release`."""
         hashes = key_hashes(keys)
         maybe = self.bloom.contains(hashes)
+        if not maybe.any() and len(set(keys)) == len(keys):
+            # The common case: every key is new and none repeats.
+            if self.bloom.count + len(keys) > self.bloom.capacity:
+                self._rebuild(2 * self.bloom.capacity)
+            self.bloom.add(hashes)
+            return [True] * len(keys)
         fresh = [True] * len(keys)
         to_verify: list[int] = []
         seen_here: set[str] = set()
-        pending, recent, recent_old = self._pending, self._recent, self._recent_old
+        recent, recent_old = self._recent, self._recent_old
         for i, key in enumerate(keys):
             if key in seen_here:
                 fresh[i] = False
                 continue
             seen_here.add(key)
             if maybe[i]:
-                if key in pending or key in recent or key in recent_old:
+                if key in recent or key in recent_old or self._is_pending(key):
                     fresh[i] = False
                 else:
                     to_verify.append(i)
@@ -147,19 +155,18 @@ class DedupGate:
         self.bloom.add(new_hashes)
         return fresh
 
+    def _is_pending(self, key: str) -> bool:
+        return any(key in keys for _, keys in self._pending)
+
     def mark_pending(self, seq: int, keys: list[str]) -> None:
         """The admitted keys are in the spool as record `seq` (caller holds `lock`)."""
-        for key in keys:
-            self._pending[key] = seq
-        self._pending_by_seq.append((seq, keys))
+        self._pending.append((seq, set(keys)))
 
     def stored(self, upto_seq: int) -> None:
         """Records up to `upto_seq` are in ClickHouse: move their keys to `recent`."""
         with self.lock:
-            while self._pending_by_seq and self._pending_by_seq[0][0] <= upto_seq:
-                _, keys = self._pending_by_seq.popleft()
-                for key in keys:
-                    self._pending.pop(key, None)
+            while self._pending and self._pending[0][0] <= upto_seq:
+                _, keys = self._pending.popleft()
                 self._recent.update(keys)
                 if len(self._recent) >= RECENT_GENERATION:
                     self._recent_old = self._recent
@@ -167,4 +174,4 @@ class DedupGate:
 
     @property
     def pending_count(self) -> int:
-        return len(self._pending)
+        return sum(len(keys) for _, keys in self._pending)

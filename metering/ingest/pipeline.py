@@ -17,6 +17,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import compress
+from operator import attrgetter
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Generic
@@ -81,6 +83,7 @@ class StreamPipeline(Generic[T]):
         self.gate = DedupGate(self._lookup, store.id_hashes)
         self._on_keys = on_keys
         self._key_of = key_of
+        self._id_of = attrgetter(schema.id_field)
         self._known_keys: set[tuple[str, str]] = set()
         self._unregistered: set[tuple[str, str]] = set()
         self._appended_seq = -1
@@ -133,18 +136,20 @@ class StreamPipeline(Generic[T]):
 
     def submit(self, decoded: Decoded[T]) -> SubmitResult:
         """Admit and spool a decoded batch. Raises SpoolFull (-> 503)."""
-        items = decoded.items
-        item_id = self.schema.item_id
-        ids = [item_id(item) for _, item in items]
+        items = [item for _, item in decoded.items]
+        ids = list(map(self._id_of, items))
         with self.gate.lock:
             fresh = self.gate.admit(ids)
-            accepted = [item for (_, item), new in zip(items, fresh, strict=True) if new]
+            if all(fresh):
+                accepted, accepted_ids = items, ids
+            else:
+                accepted = list(compress(items, fresh))
+                accepted_ids = list(compress(ids, fresh))
             durable_upto = None
             if accepted:
-                accepted_ids = [i for i, new in zip(ids, fresh, strict=True) if new]
                 keys: list[tuple[str, str]] = []
                 if self._key_of is not None:
-                    keys = list({self._key_of(item) for item in accepted})
+                    keys = list(set(map(self._key_of, accepted)))
                 meta = _meta_encoder.encode(_Meta(accepted_ids, keys))
                 data = _rows_encoder.encode_lines(accepted)
                 seq, durable_upto = self.spool.append(meta, data, len(accepted))

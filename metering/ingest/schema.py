@@ -41,7 +41,7 @@ HttpStatus = Annotated[int, msgspec.Meta(ge=100, le=599)]
 Short = Annotated[str, msgspec.Meta(max_length=64)]
 
 
-class Fallback(msgspec.Struct):
+class Fallback(msgspec.Struct, gc=False):
     """A failed attempt before the provider that finally served (or last failed)."""
 
     provider: ProviderName
@@ -52,7 +52,7 @@ class Fallback(msgspec.Struct):
     http_status: HttpStatus | None = None
 
 
-class Event(msgspec.Struct):
+class Event(msgspec.Struct, gc=False):
     """One gateway rerank request. Field names are the ClickHouse column names."""
 
     event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -71,10 +71,10 @@ class Event(msgspec.Struct):
     error_type: Short | None = None
     queries: Annotated[int, msgspec.Meta(ge=1, le=MAX_QUERIES)] = 1
     output_tokens: Tokens = 0
-    fallbacks: list[Fallback] = msgspec.field(default_factory=list)
+    fallbacks: tuple[Fallback, ...] = ()
 
 
-class Probe(msgspec.Struct):
+class Probe(msgspec.Struct, gc=False):
     """One uptime probe result."""
 
     probe_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
