@@ -8,8 +8,8 @@ them. The HTTP app, the scheduler and the CLI all go through this one object.
 from __future__ import annotations
 
 import logging
-from operator import attrgetter
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from clickhouse_connect.driver.client import Client

@@ -17,9 +17,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from itertools import compress
 from operator import attrgetter
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Generic
 
