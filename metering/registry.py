@@ -24,13 +24,8 @@ def register_pairs(engine: Engine, pairs: Iterable[tuple[str, str]]) -> None:
     now = utcnow()
     tenants = [{"id": t, "first_seen_at": now} for t in sorted({t for t, _ in pairs})]
     projects = [{"tenant_id": t, "id": p, "first_seen_at": now} for t, p in pairs]
+    # executemany: SQLAlchemy batches it into multi-row INSERTs ("insertmanyvalues")
+    # without compiling one giant statement per chunk.
     with engine.begin() as conn:
-        for chunk in _chunks(tenants, 5000):
-            conn.execute(insert(Tenant).values(chunk).on_conflict_do_nothing())
-        for chunk in _chunks(projects, 5000):
-            conn.execute(insert(Project).values(chunk).on_conflict_do_nothing())
-
-
-def _chunks(rows: list[dict[str, object]], size: int) -> Iterable[list[dict[str, object]]]:
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
+        conn.execute(insert(Tenant).on_conflict_do_nothing(), tenants)
+        conn.execute(insert(Project).on_conflict_do_nothing(), projects)
