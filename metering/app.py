@@ -114,6 +114,7 @@ def create_app(
                     hook(services)
                 if run_scheduler:
                     scheduler.start()
+                services.ready = True
             except Exception as exc:
                 services.startup_error = f"{type(exc).__name__}: {exc}"
                 log.exception("startup failed")

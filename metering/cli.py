@@ -163,6 +163,7 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     services = Services.open(settings, _admin_token(settings))
     try:
         services.start()
+        services.ready = True
         result = job.run(services)
         print(f"{job.name}: {result}")
     finally:

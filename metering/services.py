@@ -41,7 +41,8 @@ class Services:
     sessions: sessionmaker[Session]
     events: StreamPipeline[Event]
     probes: StreamPipeline[Probe]
-    ready: bool = False
+    started: bool = False  # writers running
+    ready: bool = False  # started, and start-up hooks done: /readyz says 200
     startup_error: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -81,13 +82,14 @@ class Services:
         return relational, clickhouse
 
     def start(self) -> None:
-        """Migrate, replay spools, start writers. Marks the services ready."""
+        """Migrate, replay spools, start writers. The caller marks the services ready
+        once its own start-up work (demo data) is done too."""
         relational, clickhouse = self.migrate()
         if relational or clickhouse:
             log.info("applied migrations: relational %s, clickhouse %s", relational, clickhouse)
         self.events.start()
         self.probes.start()
-        self.ready = True
+        self.started = True
 
     def check(self) -> dict[str, str]:
         """Both stores answer and no migration is pending (for /readyz)."""
@@ -108,8 +110,8 @@ class Services:
         return problems
 
     def close(self) -> None:
-        if self.ready:
+        if self.started:
             self.events.stop()
             self.probes.stop()
-        self.ready = False
+        self.started = self.ready = False
         self.engine.dispose()

@@ -161,7 +161,7 @@ def test_spool_replay_after_crash_stores_once(
         services.events._thread.join()  # type: ignore[union-attr]
         assert send(first, admin_headers, [event(i) for i in range(100)])["accepted"] == 100
         assert services.events.spool.pending_bytes > 0
-        services.ready = False  # skip the drain on shutdown, like a crash
+        services.started = False  # skip the drain on shutdown, like a crash
     app = create_app(settings, ADMIN_TOKEN, run_scheduler=False)
     with TestClient(app) as second:
         services = wait_ready(app)
