@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Literal
@@ -54,6 +56,38 @@ ADMIN = Principal("admin", ALL_SCOPES)
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+KEY_CACHE_SECONDS = 5.0
+
+
+class KeyCache:
+    """Recently resolved API keys, so the ingest path does not query the database on
+    every request. Revoking through this process drops the entry at once; another
+    replica's cache forgets a revoked key within KEY_CACHE_SECONDS."""
+
+    def __init__(self, ttl: float = KEY_CACHE_SECONDS, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[Principal, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, token: str) -> Principal | None:
+        entry = self._entries.get(token)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def put(self, token: str, principal: Principal) -> None:
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[token] = (principal, time.monotonic() + self.ttl)
+
+    def forget_key(self, key_id: str) -> None:
+        with self._lock:
+            for token in [t for t, (p, _) in self._entries.items() if p.key_id == key_id]:
+                del self._entries[token]
 
 
 def resolve(session: Session, admin_token: str, token: str) -> Principal | None:

@@ -6,18 +6,19 @@ Route signatures stay short through `Annotated` aliases (`ServicesDep`, `Session
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Annotated
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from metering.auth import Principal, resolve
 from metering.db import session_scope
 from metering.services import Services
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -35,27 +36,37 @@ SessionDep = Annotated[Session, Depends(get_session)]
 _UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
 
 
-def get_principal(request: Request, services: ServicesDep) -> Principal:
+def _lookup(services: Services, token: str) -> Principal | None:
+    session = services.sessions()
+    try:
+        return resolve(session, services.admin_token, token)
+    finally:
+        session.close()
+
+
+async def get_principal(request: Request, services: ServicesDep) -> Principal:
+    """The caller, from `Authorization: Bearer`. Async with a short-lived cache: the
+    ingest path neither hops to a thread nor queries the database per request."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise HTTPException(
             401, "missing bearer token (Authorization: Bearer <token>)", headers=_UNAUTHORIZED
         )
-    session = services.sessions()
-    try:
-        principal = resolve(session, services.admin_token, token.strip())
-    finally:
-        session.close()
+    principal = services.key_cache.get(token)
     if principal is None:
-        raise HTTPException(401, "unknown or revoked token", headers=_UNAUTHORIZED)
+        principal = await run_in_threadpool(_lookup, services, token)
+        if principal is None:
+            raise HTTPException(401, "unknown or revoked token", headers=_UNAUTHORIZED)
+        services.key_cache.put(token, principal)
     return principal
 
 
-def require(*scopes: str) -> Callable[[Principal], Principal]:
+def require(*scopes: str) -> Callable[[Principal], Coroutine[Any, Any, Principal]]:
     """A dependency admitting principals with any of `scopes` (admin has them all)."""
 
-    def check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    async def check(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
         if not any(principal.has(scope) for scope in scopes):
             raise HTTPException(403, f"this key lacks the {' or '.join(scopes)} scope")
         return principal

@@ -85,6 +85,6 @@ def run_probes(services: Services) -> int:
         return 0
     with httpx.Client(timeout=PROBE_TIMEOUT, follow_redirects=False) as client:
         results = [probe(target, client) for target in targets]
-    submitted = services.probes.submit(Decoded(list(enumerate(results)), []))
+    submitted = services.probes.submit(Decoded(results, []))
     services.probes.sync(submitted.durable_upto)
     return submitted.accepted

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from metering import relational_migrations
+from metering.auth import KeyCache
 from metering.clickhouse import migrations as ch_migrations
 from metering.clickhouse.client import make_client
 from metering.db import make_engine, make_session_factory
@@ -44,7 +45,7 @@ class Services:
     started: bool = False  # writers running
     ready: bool = False  # started, and start-up hooks done: /readyz says 200
     startup_error: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    key_cache: KeyCache = field(default_factory=KeyCache)
 
     @classmethod
     def open(cls, settings: Settings, admin_token: str) -> Services:

@@ -12,7 +12,6 @@ from typing import Any
 
 import msgspec
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from metering.deps import Ingest, ServicesDep
 from metering.ingest.pipeline import StreamPipeline, SubmitResult
@@ -84,8 +83,7 @@ async def _ingest(
         )
     try:
         result: SubmitResult = pipeline.submit(decoded)
-        if result.durable_upto is not None and pipeline.spool.fsync:
-            await run_in_threadpool(pipeline.sync, result.durable_upto)
+        await pipeline.durable(result.durable_upto)
     except SpoolFull as exc:
         return _error(503, f"cannot store events now: {exc}", {"Retry-After": RETRY_AFTER_SECONDS})
     except OSError as exc:

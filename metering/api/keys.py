@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 from metering import auth
-from metering.deps import Admin, SessionDep
+from metering.deps import Admin, ServicesDep, SessionDep
 from metering.models import ApiKey
 
 router = APIRouter(prefix="/v1/api-keys", tags=["api keys"])
@@ -73,7 +73,9 @@ def list_api_keys(session: SessionDep, _: Admin) -> ApiKeyList:
 
 
 @router.delete("/{key_id}", status_code=204, response_class=Response)
-def revoke_api_key(key_id: str, session: SessionDep, _: Admin) -> Response:
+def revoke_api_key(key_id: str, session: SessionDep, services: ServicesDep, _: Admin) -> Response:
     if not auth.revoke_key(session, key_id):
         raise HTTPException(404, f"no API key {key_id}")
+    session.commit()
+    services.key_cache.forget_key(key_id)
     return Response(status_code=204)

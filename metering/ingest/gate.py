@@ -28,7 +28,7 @@ import numpy.typing as npt
 
 FALSE_POSITIVE_RATE = 1e-4
 MIN_CAPACITY = 4_000_000
-RECENT_GENERATION = 500_000
+RECENT_GENERATION = 100_000
 
 Lookup = Callable[[list[str]], set[str]]
 # Yields the hashes (see key_hashes) of every stored key, in chunks.

@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from itertools import compress
 from operator import attrgetter
 from pathlib import Path
@@ -33,6 +32,13 @@ from metering.ingest.store import IngestStore
 
 log = logging.getLogger(__name__)
 
+
+def _array_body(array: bytes) -> bytes:
+    """The inside of a JSON array: b'[{..},{..}]' -> b'{..},{..}'."""
+    array = array.strip()
+    return array[1:-1]
+
+
 WRITER_MAX_ROWS = 200_000
 WRITER_MAX_BYTES = 64 * 1024 * 1024
 WRITER_IDLE_WAIT = 0.05
@@ -45,13 +51,8 @@ class _Meta(msgspec.Struct, array_like=True):
     keys: list[tuple[str, str]] = []
 
 
-class _Stamp(msgspec.Struct):
-    timestamp: datetime
-
-
 _meta_encoder = msgspec.msgpack.Encoder()
 _meta_decoder = msgspec.msgpack.Decoder(_Meta)
-_stamps_decoder = msgspec.json.Decoder(list[_Stamp])
 _rows_encoder = msgspec.json.Encoder()
 
 
@@ -61,6 +62,57 @@ class SubmitResult:
     duplicates: int
     rejected: list[Rejected]
     durable_upto: Cursor | None
+
+
+class _GroupSync:
+    """One thread that fsyncs the spool for every request waiting on it: requests park
+    an asyncio future, and one fsync resolves all whose records it covers."""
+
+    def __init__(self, spool: Spool, name: str) -> None:
+        self._spool = spool
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[Cursor, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    async def wait(self, upto: Cursor) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            self._waiters.append((upto, loop, future))
+        self._wake.set()
+        await future
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(0.5)
+            self._wake.clear()
+            with self._lock:
+                waiters, self._waiters = self._waiters, []
+            if not waiters:
+                continue
+            error: BaseException | None = None
+            try:
+                self._spool.sync(max(upto for upto, _, _ in waiters))
+            except OSError as exc:
+                error = exc
+            for _, loop, future in waiters:
+                loop.call_soon_threadsafe(_settle, future, error)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 class StreamPipeline(Generic[T]):
@@ -94,6 +146,7 @@ class StreamPipeline(Generic[T]):
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._stored_cond = threading.Condition()
+        self._syncer = _GroupSync(self.spool, f"spool-fsync-{schema.name}")
         self.last_error: str | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -115,6 +168,7 @@ class StreamPipeline(Generic[T]):
             time.sleep(0.01)
         self._stopping.set()
         self._wake.set()
+        self._syncer.stop()
         if self._thread is not None:
             self._thread.join(timeout=max(1.0, deadline - time.monotonic()))
         self.spool.close()
@@ -136,7 +190,7 @@ class StreamPipeline(Generic[T]):
 
     def submit(self, decoded: Decoded[T]) -> SubmitResult:
         """Admit and spool a decoded batch. Raises SpoolFull (-> 503)."""
-        items = [item for _, item in decoded.items]
+        items = decoded.items
         ids = list(map(self._id_of, items))
         with self.gate.lock:
             fresh = self.gate.admit(ids)
@@ -151,7 +205,12 @@ class StreamPipeline(Generic[T]):
                 if self._key_of is not None:
                     keys = list(set(map(self._key_of, accepted)))
                 meta = _meta_encoder.encode(_Meta(accepted_ids, keys))
-                data = _rows_encoder.encode_lines(accepted)
+                # The rows as a JSON array: the gateway's own bytes when the whole batch
+                # is valid and new (no re-encoding), otherwise the accepted items.
+                if accepted is items and decoded.raw is not None:
+                    data = decoded.raw
+                else:
+                    data = _rows_encoder.encode(accepted)
                 seq, durable_upto = self.spool.append(meta, data, len(accepted))
                 self.gate.mark_pending(seq, accepted_ids)
                 self._appended_seq = seq
@@ -167,6 +226,11 @@ class StreamPipeline(Generic[T]):
     def sync(self, upto: Cursor | None) -> None:
         """Block until the spool is durable up to `upto` (group fsync)."""
         self.spool.sync(upto if upto is not None else Cursor(-1, -1))
+
+    async def durable(self, upto: Cursor | None) -> None:
+        """Await the group fsync covering `upto`, without blocking the event loop."""
+        if upto is not None and self.spool.fsync and not self.spool.is_synced(upto):
+            await self._syncer.wait(upto)
 
     # -- read barrier -------------------------------------------------------------------
 
@@ -247,9 +311,12 @@ class StreamPipeline(Generic[T]):
             meta = _meta_decoder.decode(record.meta)
             ids.extend(meta.ids)
             keys.update(meta.keys)
-        payload = b"".join(record.data for record in records)
         if check:
-            payload = self._without_stored_rows(ids, payload)
+            payload = self._canonical_unstored_rows(records)
+        else:
+            # Each record holds a JSON array; JSONEachRow takes objects separated by
+            # commas, so the arrays' insides are joined without decoding them.
+            payload = b",".join(_array_body(record.data) for record in records)
         self.store.insert_rows(payload)
         self.store.insert_ids(ids)
         self._register_keys(keys)
@@ -257,15 +324,19 @@ class StreamPipeline(Generic[T]):
         metrics.STORED_ROWS.labels(self.schema.name).inc(len(ids))
         metrics.STORE_SECONDS.labels(self.schema.name).observe(time.perf_counter() - started)
 
-    def _without_stored_rows(self, ids: list[str], payload: bytes) -> bytes:
-        """Drop the rows ClickHouse already has (after a crash or an unknown outcome)."""
-        lines = payload.splitlines()
-        stamps = _stamps_decoder.decode(b"[" + b",".join(lines) + b"]")
-        present = self.store.existing_in_table(ids, [s.timestamp for s in stamps])
-        if not present:
-            return payload
-        kept = [line for line, i in zip(lines, ids, strict=True) if i not in present]
-        return b"".join(line + b"\n" for line in kept)
+    def _canonical_unstored_rows(self, records: list[Record]) -> bytes:
+        """After a crash or a failed insert: the rows ClickHouse does not have yet,
+        re-encoded from the validated items (so bytes ClickHouse refused, e.g. a
+        duplicate JSON key msgspec tolerated, never block the writer twice)."""
+        items: list[Any] = []
+        for record in records:
+            items.extend(self.schema.list_decoder.decode(record.data))
+        present = self.store.existing_in_table(
+            list(map(self._id_of, items)), [item.timestamp for item in items]
+        )
+        if present:
+            items = [item for item in items if self._id_of(item) not in present]
+        return _array_body(_rows_encoder.encode(items)) if items else b""
 
     def _register_keys(self, keys: set[tuple[str, str]]) -> None:
         """Register tenants/projects seen for the first time; retried until it works."""

@@ -11,7 +11,7 @@ While ClickHouse is down or slow the spool simply grows, up to `max_bytes`; past
 Record layout (little endian):
     magic u16 | meta_len u32 | data_len u32 | count u32 | crc32 u32 | meta | data
 `meta` is msgpack (ids, and for events the distinct (tenant, project) pairs), `data` is
-the rows as NDJSON ready for `INSERT ... FORMAT JSONEachRow`. A torn record at the tail
+the rows as one JSON array, ready for `INSERT ... FORMAT JSONEachRow`. A torn record at the tail
 (a crash mid-write) fails its CRC and is cut off at recovery; it was never answered 202.
 """
 
@@ -160,6 +160,9 @@ class Spool:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+    def is_synced(self, upto: Cursor) -> bool:
+        return upto <= self._synced_pos
 
     def sync(self, upto: Cursor) -> None:
         """Make every record up to `upto` durable (group commit; blocking)."""

@@ -9,7 +9,7 @@ CREATE TABLE IF NOT EXISTS uptime_probes
     probe_id    String CODEC(ZSTD(1)),
     timestamp   DateTime64(3, 'UTC') CODEC(Delta(8), ZSTD(1)),
     provider    LowCardinality(String),
-    region      LowCardinality(String),
+    region      LowCardinality(String) DEFAULT 'global',
     ok          Bool,
     latency_ms  Float64 CODEC(Gorilla, ZSTD(1)),
     http_status UInt16,

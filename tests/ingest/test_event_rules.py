@@ -4,7 +4,7 @@ acceptance; body-level errors (400/413)."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -33,8 +33,11 @@ EVENT_RULES: list[tuple[str, Any, list[str]]] = [
         ["timestamp: must be an RFC 3339 timestamp, e.g. 2026-11-27T10:00:00Z"],
     ),
     ("timestamp", "2026-11-27T10:00:00", ["timestamp: must include a UTC offset (Z or +hh:mm)"]),
-    ("timestamp", lambda: _minus(minutes=-6),
-     ["timestamp: must not be more than 5 minutes in the future"]),
+    (
+        "timestamp",
+        lambda: _minus(minutes=-6),
+        ["timestamp: must not be more than 5 minutes in the future"],
+    ),
     ("timestamp", lambda: _minus(days=401), ["timestamp: must not be more than 400 days old"]),
     ("tenant_id", MISSING, ["tenant_id: required"]),
     ("tenant_id", "", ["tenant_id: must not be empty"]),
@@ -184,17 +187,73 @@ def test_optional_fields_and_defaults_are_stored(
     assert rows[1] == ("evt-minimal", "", "global", "ok", 0, "", 1, 0, [])
 
 
-def test_timestamp_offsets_are_normalised_to_utc(
+@pytest.mark.parametrize("ndjson", [False, True])
+def test_stored_values_match_what_was_validated(
+    client: TestClient, admin_headers: dict[str, str], services: Services, ndjson: bool
+) -> None:
+    """A valid batch is stored from the gateway's own bytes: ClickHouse must read every
+    RFC 3339 form, omitted optional field and null exactly as the validator did."""
+    at = (datetime.now(UTC) - timedelta(hours=1)).replace(microsecond=0)
+    forms = {
+        "z": at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "lower": at.strftime("%Y-%m-%dt%H:%M:%Sz"),
+        "millis": at.strftime("%Y-%m-%dT%H:%M:%S") + ".123Z",
+        "nanos": at.strftime("%Y-%m-%dT%H:%M:%S") + ".123456789+00:00",
+        "plus0530": at.astimezone(timezone(timedelta(hours=5, minutes=30))).isoformat(),
+        "minus08": at.astimezone(timezone(timedelta(hours=-8))).isoformat(),
+    }
+    events = [event(name, timestamp=value) for name, value in forms.items()]
+    events.append(
+        event(
+            "nulls",
+            api_key_id=None,
+            http_status=None,
+            error_type=None,
+            extra_field={"ignored": [1, None]},
+        )
+    )
+    if ndjson:
+        body = b"\n".join(json.dumps(e).encode() for e in events)
+        response = post(client, admin_headers, "/v1/events", body, "application/x-ndjson")
+    else:
+        response = post(client, admin_headers, "/v1/events", {"events": events})
+    assert response.json() == {"accepted": 7, "duplicates": 0, "rejected": []}
+    stored_count(services)
+    rows = dict(
+        services.ch.query(
+            "SELECT event_id, timestamp FROM rerank_events WHERE event_id != 'evt-nulls'"
+        ).result_rows
+    )
+    millis = at + timedelta(milliseconds=123)
+    expected = {
+        "z": at,
+        "lower": at,
+        "millis": millis,
+        "nanos": millis,
+        "plus0530": at,
+        "minus08": at,
+    }
+    assert {k[4:]: v.replace(tzinfo=UTC) for k, v in rows.items()} == expected
+    nulls = services.ch.query(
+        "SELECT api_key_id, http_status, error_type, region, queries, output_tokens, fallbacks"
+        " FROM rerank_events WHERE event_id = 'evt-nulls'"
+    ).result_rows
+    assert nulls == [("", 0, "", "global", 1, 0, [])]
+
+
+def test_bytes_clickhouse_refuses_are_stored_after_one_retry(
     client: TestClient, admin_headers: dict[str, str], services: Services
 ) -> None:
-    at = datetime.now(UTC).replace(microsecond=123000) - timedelta(hours=1)
-    local = at.astimezone(__import__("datetime").timezone(timedelta(hours=5, minutes=30)))
-    post(
-        client, admin_headers, "/v1/events", {"events": [event("tz", timestamp=local.isoformat())]}
-    )
-    stored_count(services)
-    stored = services.ch.query("SELECT timestamp FROM rerank_events").result_rows[0][0]
-    assert stored.replace(tzinfo=UTC) == at
+    """A duplicate JSON key: the validator keeps the last value, ClickHouse refuses the
+    raw row. The writer's retry stores the validated values instead."""
+    raw = json.dumps(event("dupkey")).encode()
+    raw = raw[:-1] + b', "documents": 77}'
+    body = b'{"events": [' + raw + b"]}"
+    response = post(client, admin_headers, "/v1/events", body)
+    assert response.json()["accepted"] == 1
+    assert services.events.wait_stored(timeout=20)
+    rows = services.ch.query("SELECT documents FROM rerank_events").result_rows
+    assert rows == [(77,)]
 
 
 PROBE_RULES: list[tuple[str, Any, list[str]]] = [
