@@ -86,5 +86,5 @@ def run_probes(services: Services) -> int:
     with httpx.Client(timeout=PROBE_TIMEOUT, follow_redirects=False) as client:
         results = [probe(target, client) for target in targets]
     submitted = services.probes.submit(Decoded(results, []))
-    services.probes.sync(submitted.durable_upto)
+    services.probes.wait_durable(submitted)
     return submitted.accepted

@@ -83,7 +83,7 @@ async def _ingest(
         )
     try:
         result: SubmitResult = pipeline.submit(decoded)
-        await pipeline.durable(result.durable_upto)
+        await pipeline.durable(result)
     except SpoolFull as exc:
         return _error(503, f"cannot store events now: {exc}", {"Retry-After": RETRY_AFTER_SECONDS})
     except OSError as exc:

@@ -162,6 +162,11 @@ class DedupGate:
         """The admitted keys are in the spool as record `seq` (caller holds `lock`)."""
         self._pending.append((seq, set(keys)))
 
+    def release(self, seq: int) -> None:
+        """Record `seq` never reached the spool: its keys were not accepted after all."""
+        with self.lock:
+            self._pending = deque((s, keys) for s, keys in self._pending if s != seq)
+
     def stored(self, upto_seq: int) -> None:
         """Records up to `upto_seq` are in ClickHouse: move their keys to `recent`."""
         with self.lock:

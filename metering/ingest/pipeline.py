@@ -27,16 +27,21 @@ import msgspec
 from metering import metrics
 from metering.ingest.gate import DedupGate
 from metering.ingest.schema import Decoded, Rejected, StreamSchema, T
-from metering.ingest.spool import Cursor, Record, Spool
+from metering.ingest.spool import Cursor, Record, Spool, Ticket
 from metering.ingest.store import IngestStore
 
 log = logging.getLogger(__name__)
 
 
-def _array_body(array: bytes) -> bytes:
-    """The inside of a JSON array: b'[{..},{..}]' -> b'{..},{..}'."""
-    array = array.strip()
-    return array[1:-1]
+def _array_body(array: bytes) -> memoryview:
+    """The inside of a JSON array, without copying: b'[{..},{..}]' -> b'{..},{..}'."""
+    start = 0
+    end = len(array)
+    while array[start] in b" \t\r\n":
+        start += 1
+    while array[end - 1] in b" \t\r\n":
+        end -= 1
+    return memoryview(array)[start + 1 : end - 1]
 
 
 WRITER_MAX_ROWS = 200_000
@@ -61,58 +66,13 @@ class SubmitResult:
     accepted: int
     duplicates: int
     rejected: list[Rejected]
-    durable_upto: Cursor | None
+    ticket: Ticket | None  # the spool write of the accepted rows (None: nothing new)
+    seq: int
 
 
-class _GroupSync:
-    """One thread that fsyncs the spool for every request waiting on it: requests park
-    an asyncio future, and one fsync resolves all whose records it covers."""
-
-    def __init__(self, spool: Spool, name: str) -> None:
-        self._spool = spool
-        self._lock = threading.Lock()
-        self._waiters: list[tuple[Cursor, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._wake = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    async def wait(self, upto: Cursor) -> None:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        with self._lock:
-            self._waiters.append((upto, loop, future))
-        self._wake.set()
-        await future
-
-    def _run(self) -> None:
-        while not self._stopping:
-            self._wake.wait(0.5)
-            self._wake.clear()
-            with self._lock:
-                waiters, self._waiters = self._waiters, []
-            if not waiters:
-                continue
-            error: BaseException | None = None
-            try:
-                self._spool.sync(max(upto for upto, _, _ in waiters))
-            except OSError as exc:
-                error = exc
-            for _, loop, future in waiters:
-                loop.call_soon_threadsafe(_settle, future, error)
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
         future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 class StreamPipeline(Generic[T]):
@@ -146,7 +106,6 @@ class StreamPipeline(Generic[T]):
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._stored_cond = threading.Condition()
-        self._syncer = _GroupSync(self.spool, f"spool-fsync-{schema.name}")
         self.last_error: str | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -168,7 +127,6 @@ class StreamPipeline(Generic[T]):
             time.sleep(0.01)
         self._stopping.set()
         self._wake.set()
-        self._syncer.stop()
         if self._thread is not None:
             self._thread.join(timeout=max(1.0, deadline - time.monotonic()))
         self.spool.close()
@@ -199,7 +157,8 @@ class StreamPipeline(Generic[T]):
             else:
                 accepted = list(compress(items, fresh))
                 accepted_ids = list(compress(ids, fresh))
-            durable_upto = None
+            ticket = None
+            seq = -1
             if accepted:
                 keys: list[tuple[str, str]] = []
                 if self._key_of is not None:
@@ -211,7 +170,8 @@ class StreamPipeline(Generic[T]):
                     data = decoded.raw
                 else:
                     data = _rows_encoder.encode(accepted)
-                seq, durable_upto = self.spool.append(meta, data, len(accepted))
+                ticket = self.spool.enqueue(meta, data, len(accepted))
+                seq = self._appended_seq + 1
                 self.gate.mark_pending(seq, accepted_ids)
                 self._appended_seq = seq
         metrics.INGEST_ITEMS.labels(self.schema.name, "accepted").inc(len(accepted))
@@ -220,17 +180,37 @@ class StreamPipeline(Generic[T]):
         metrics.SPOOL_BYTES.labels(self.schema.name).set(self.spool.pending_bytes)
         self._wake.set()
         return SubmitResult(
-            len(accepted), len(items) - len(accepted), decoded.rejected, durable_upto
+            len(accepted), len(items) - len(accepted), decoded.rejected, ticket, seq
         )
 
-    def sync(self, upto: Cursor | None) -> None:
-        """Block until the spool is durable up to `upto` (group fsync)."""
-        self.spool.sync(upto if upto is not None else Cursor(-1, -1))
+    def wait_durable(self, result: SubmitResult) -> None:
+        """Block until the batch's record is in the spool (and fsync'd)."""
+        if result.ticket is not None:
+            self._settled(result, result.ticket.wait)
 
-    async def durable(self, upto: Cursor | None) -> None:
-        """Await the group fsync covering `upto`, without blocking the event loop."""
-        if upto is not None and self.spool.fsync and not self.spool.is_synced(upto):
-            await self._syncer.wait(upto)
+    async def durable(self, result: SubmitResult) -> None:
+        """Await the batch's spool write (group commit) without blocking the loop."""
+        ticket = result.ticket
+        if ticket is None:
+            return
+        if not ticket.done:
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[None] = loop.create_future()
+
+            def wake(_: Ticket) -> None:
+                loop.call_soon_threadsafe(_resolve, future)
+
+            ticket.add_done_callback(wake)
+            await future
+        self._settled(result, ticket.wait)
+
+    def _settled(self, result: SubmitResult, wait: Callable[[], Cursor]) -> None:
+        try:
+            wait()
+        except OSError:
+            # Never acknowledged: the keys may be admitted again by a retry.
+            self.gate.release(result.seq)
+            raise
 
     # -- read barrier -------------------------------------------------------------------
 
@@ -336,7 +316,7 @@ class StreamPipeline(Generic[T]):
         )
         if present:
             items = [item for item in items if self._id_of(item) not in present]
-        return _array_body(_rows_encoder.encode(items)) if items else b""
+        return bytes(_array_body(_rows_encoder.encode(items))) if items else b""
 
     def _register_keys(self, keys: set[tuple[str, str]]) -> None:
         """Register tenants/projects seen for the first time; retried until it works."""

@@ -530,6 +530,7 @@ def decode_batch(
     lo, hi = window(now)
     if schema.all_valid(typed, lo, hi):
         if array is None:
+            # The list's bytes exactly as sent (a scan, no objects built).
             array = bytes(getattr(schema.raw_envelope_decoder.decode(body), schema.envelope_key))
         return Decoded(typed, [], array)
     items: list[T] = []

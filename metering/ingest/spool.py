@@ -21,13 +21,14 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 _HEADER = struct.Struct("<HIIII")
 _MAGIC = 0x5A17
 SEGMENT_BYTES = 64 * 1024 * 1024
+_IOV_MAX = 1020  # buffers per writev (Linux allows 1024)
 
 
 class SpoolFull(RuntimeError):
@@ -63,7 +64,6 @@ class Spool:
         self.max_bytes = max_bytes
         self.fsync = fsync
         self._lock = threading.Lock()
-        self._sync_lock = threading.Lock()
         self._checkpoint_path = self.dir / "checkpoint"
         self.checkpoint = self._read_checkpoint()
         self._segments = self._list_segments()
@@ -73,11 +73,18 @@ class Spool:
         last = self._segments[-1]
         self._fd = os.open(self._path(last), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._write_pos = Cursor(last, os.fstat(self._fd).st_size)
-        self._synced_pos = self._write_pos
-        # Sequence numbers are per process: records already in the log at start get
-        # numbers as the reader meets them; new records continue from there.
-        self._next_seq = 0
         self._pending_bytes = self._bytes_after(self.checkpoint)
+        # Records handed in and not yet written, in order; the appender thread writes
+        # them with one writev and one fsync per round (group commit), so a request
+        # thread never blocks on the file (ext4 makes write() wait for a running fsync).
+        self._queue: list[tuple[list[bytes], int, Ticket]] = []
+        self._wake = threading.Condition(self._lock)
+        self._closing = False
+        self.broken: OSError | None = None
+        self._appender = threading.Thread(
+            target=self._append_loop, name=f"spool-{directory.name}", daemon=True
+        )
+        self._appender.start()
 
     # -- paths and recovery -------------------------------------------------------------
 
@@ -126,56 +133,103 @@ class Spool:
     def pending_bytes(self) -> int:
         return self._pending_bytes
 
-    def append(self, meta: bytes, data: bytes, count: int) -> tuple[int, Cursor]:
-        """Append one record; return (seq, end position). Raises SpoolFull."""
+    def enqueue(self, meta: bytes, data: bytes, count: int) -> Ticket:
+        """Hand one record to the appender; the ticket completes once it is written
+        (and fsync'd with fsync=True). Raises SpoolFull at once past max_bytes."""
         crc = zlib.crc32(data, zlib.crc32(meta))
         header = _HEADER.pack(_MAGIC, len(meta), len(data), count, crc)
         size = len(header) + len(meta) + len(data)
+        ticket = Ticket()
         with self._lock:
+            if self._closing:
+                raise SpoolFull("the spool is closing")
             if self._pending_bytes + size > self.max_bytes:
                 raise SpoolFull(
                     f"ingest spool holds {self._pending_bytes} bytes not yet stored in "
                     f"ClickHouse (limit {self.max_bytes})"
                 )
-            if self._write_pos.offset + size > SEGMENT_BYTES and self._write_pos.offset > 0:
-                self._rotate()
-            written = os.write(self._fd, header + meta + data)
-            if written != size:  # pragma: no cover - a full disk
-                raise OSError(f"short write to spool ({written} of {size} bytes)")
-            self._write_pos = Cursor(self._write_pos.segment, self._write_pos.offset + size)
             self._pending_bytes += size
-            seq = self._next_seq
-            self._next_seq += 1
-            return seq, self._write_pos
+            self._queue.append(([header, meta, data], size, ticket))
+            self._wake.notify()
+        return ticket
 
-    def _rotate(self) -> None:
+    def append(self, meta: bytes, data: bytes, count: int) -> Cursor:
+        """Append one record and wait until it is durable; return its end position."""
+        return self.enqueue(meta, data, count).wait()
+
+    def _append_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing:
+                    self._wake.wait()
+                batch, self._queue = self._queue, []
+                if not batch and self._closing:
+                    return
+            try:
+                if self.broken is not None:
+                    raise self.broken
+                end = self._write(batch)
+                if self.fsync:
+                    os.fsync(self._fd)
+            except OSError as exc:
+                # Nothing of this batch is acknowledged nor visible to the reader; the
+                # spool refuses further records until a restart recovers it.
+                self.broken = exc
+                with self._lock:
+                    self._pending_bytes -= sum(size for _, size, _ in batch)
+                for _, _, ticket in batch:
+                    ticket.fail(exc)
+                continue
+            with self._lock:
+                self._write_pos = end  # readers see the records only once durable
+            for _, _, ticket in batch:
+                ticket.complete()
+
+    def _write(self, batch: list[tuple[list[bytes], int, Ticket]]) -> Cursor:
+        """Write the batch in order, rotating segments as they fill; return the end."""
+        pos = self._write_pos
+        buffers: list[bytes] = []
+        group: list[tuple[int, Ticket]] = []
+        pending = 0
+        for parts, size, ticket in batch:
+            if pos.offset + pending + size > SEGMENT_BYTES and (pos.offset or pending):
+                self._flush(pos, buffers, group)
+                buffers, group, pending = [], [], 0
+                pos = self._rotate()
+            buffers.extend(parts)
+            group.append((size, ticket))
+            pending += size
+        return self._flush(pos, buffers, group)
+
+    def _flush(self, pos: Cursor, buffers: list[bytes], group: list[tuple[int, Ticket]]) -> Cursor:
+        if not buffers:
+            return pos
+        for start in range(0, len(buffers), _IOV_MAX):
+            chunk = buffers[start : start + _IOV_MAX]
+            total = sum(len(b) for b in chunk)
+            written = os.writev(self._fd, chunk)
+            if written != total:  # pragma: no cover - a full disk
+                raise OSError(f"short write to spool ({written} of {total} bytes)")
+        offset = pos.offset
+        for size, ticket in group:
+            offset += size
+            ticket.end = Cursor(pos.segment, offset)
+        return Cursor(pos.segment, offset)
+
+    def _rotate(self) -> Cursor:
         os.fsync(self._fd)
         os.close(self._fd)
         number = self._write_pos.segment + 1
         self._fd = os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._segments.append(number)
-        self._write_pos = Cursor(number, 0)
         dir_fd = os.open(self.dir, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-
-    def is_synced(self, upto: Cursor) -> bool:
-        return upto <= self._synced_pos
-
-    def sync(self, upto: Cursor) -> None:
-        """Make every record up to `upto` durable (group commit; blocking)."""
-        if not self.fsync or upto <= self._synced_pos:
-            return
-        with self._sync_lock:
-            if upto <= self._synced_pos:
-                return
-            with self._lock:
-                target = self._write_pos
-                fd = self._fd
-            os.fsync(fd)
-            self._synced_pos = max(self._synced_pos, target)
+        with self._lock:
+            self._segments.append(number)
+            self._write_pos = Cursor(number, 0)
+        return Cursor(number, 0)
 
     # -- reading and checkpointing -----------------------------------------------------
 
@@ -233,10 +287,60 @@ class Spool:
             self._path(segment).unlink(missing_ok=True)
 
     def close(self) -> None:
+        """Write what is queued, then stop the appender and close the file."""
         with self._lock:
-            if self.fsync:
-                os.fsync(self._fd)
-            os.close(self._fd)
+            self._closing = True
+            self._wake.notify()
+        self._appender.join()
+        os.close(self._fd)
+
+
+class Ticket:
+    """Completion of one enqueued record: `end` once written (and fsync'd)."""
+
+    __slots__ = ("_callbacks", "_event", "_lock", "end", "error")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[Ticket], None]] = []
+        self.end: Cursor | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def complete(self) -> None:
+        self._finish()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._finish()
+
+    def _finish(self) -> None:
+        with self._lock:
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    def add_done_callback(self, callback: Callable[[Ticket], None]) -> None:
+        """Run `callback(ticket)` when done (at once if it already is). It may run on
+        the appender thread, so it must only hand the result over."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def wait(self, timeout: float | None = None) -> Cursor:
+        if not self._event.wait(timeout):
+            raise TimeoutError("spool write did not complete in time")
+        if self.error is not None:
+            raise self.error
+        assert self.end is not None
+        return self.end
 
 
 def _iter_records(buf: bytes, pos: int) -> Iterator[tuple[bytes, bytes, int, int]]:

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 from clickhouse_connect.driver.client import Client
 
 IDS_TABLE = "ingested_ids"
+_ids_encoder = msgspec.json.Encoder()
 
 EXISTING_IDS = (
     "SELECT id FROM ingested_ids WHERE stream = {stream:String} AND id IN {ids:Array(String)}"
@@ -104,9 +106,6 @@ class IngestStore:
 
     def insert_ids(self, ids: list[str]) -> None:
         if ids:
-            self.client.insert(
-                IDS_TABLE,
-                [[self.table.stream] * len(ids), ids],
-                column_names=["stream", "id"],
-                column_oriented=True,
-            )
+            # JSONColumns encoded by msgspec: no per-value Python work in the driver.
+            payload = _ids_encoder.encode({"stream": [self.table.stream] * len(ids), "id": ids})
+            self.client.raw_insert(IDS_TABLE, ["stream", "id"], payload, fmt="JSONColumns")

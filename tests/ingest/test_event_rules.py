@@ -359,3 +359,26 @@ def test_body_over_16_mib_is_413(client: TestClient, admin_headers: dict[str, st
 def test_empty_batch_is_fine(client: TestClient, admin_headers: dict[str, str]) -> None:
     response = post(client, admin_headers, "/v1/events", {"events": []})
     assert response.json() == {"accepted": 0, "duplicates": 0, "rejected": []}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"events": [E1, E2]}',
+        b' \n{ "events" :\n[E1, E2] } \n',
+        b'{"source": "gw-1", "events": [E1, E2]}',
+        b'{"events": [E1, E2], "note": [1]}',
+        b'{"events": [E0], "events": [E1, E2]}',
+    ],
+    ids=["plain", "spaced", "key-before", "list-after", "repeated-key"],
+)
+def test_unusual_envelopes_store_exactly_the_validated_items(
+    client: TestClient, admin_headers: dict[str, str], services: Services, body: bytes
+) -> None:
+    for name in ("E0", "E1", "E2"):
+        body = body.replace(name.encode(), json.dumps(event(name.lower())).encode())
+    response = post(client, admin_headers, "/v1/events", body)
+    assert response.json() == {"accepted": 2, "duplicates": 0, "rejected": []}
+    assert services.events.wait_stored(timeout=20)
+    ids = services.ch.query("SELECT event_id FROM rerank_events ORDER BY event_id").result_rows
+    assert ids == [("evt-e1",), ("evt-e2",)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,8 @@ def make(tmp_path: Path, max_bytes: int = 1 << 30) -> Spool:
 
 def test_records_come_back_in_order_and_commit_frees_them(tmp_path: Path) -> None:
     spool = make(tmp_path)
-    for i in range(10):
-        seq, end = spool.append(b"m%d" % i, b"row %d\n" % i, 1)
-        spool.sync(end)
-        assert seq == i
+    ends = [spool.append(b"m%d" % i, b"row %d\n" % i, 1) for i in range(10)]
+    assert ends == sorted(ends) and len(set(ends)) == 10
     records = spool.read(spool.checkpoint, max_bytes=1 << 20, max_count=4)
     assert [r.data for r in records] == [b"row %d\n" % i for i in range(4)]
     spool.commit(records[-1].end, sum(r.size for r in records))
@@ -47,7 +46,7 @@ def test_uncommitted_records_survive_reopen(tmp_path: Path) -> None:
 def test_torn_tail_is_cut_off(tmp_path: Path) -> None:
     spool = make(tmp_path)
     spool.append(b"a", b"whole\n", 1)
-    _, end = spool.append(b"b", b"torn record\n", 1)
+    end = spool.append(b"b", b"torn record\n", 1)
     spool.close()
     segment = tmp_path / "spool" / "seg-000000000000.wal"
     with open(segment, "r+b") as handle:
@@ -95,7 +94,7 @@ def test_full_spool_refuses_and_recovers_after_commit(tmp_path: Path) -> None:
 
 def test_corrupt_record_in_the_middle_is_reported(tmp_path: Path) -> None:
     spool = make(tmp_path)
-    _, first_end = spool.append(b"", b"one\n", 1)
+    first_end = spool.append(b"", b"one\n", 1)
     spool.append(b"", b"two\n", 1)
     segment = tmp_path / "spool" / "seg-000000000000.wal"
     fd = os.open(segment, os.O_RDWR)
@@ -103,3 +102,51 @@ def test_corrupt_record_in_the_middle_is_reported(tmp_path: Path) -> None:
     os.close(fd)
     with pytest.raises(RuntimeError, match="corrupt"):
         spool.read(Cursor(0, first_end.offset), max_bytes=1 << 20, max_count=10)
+
+
+def test_group_commit_from_many_threads_keeps_every_record(tmp_path: Path) -> None:
+    spool = make(tmp_path)
+    tickets = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        for i in range(200):
+            ticket = spool.enqueue(b"", b"%d-%d\n" % (n, i), 1)
+            with lock:
+                tickets.append(ticket)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ends = [ticket.wait(10) for ticket in tickets]
+    assert len(set(ends)) == 800
+    records = spool.read(spool.checkpoint, max_bytes=1 << 30, max_count=10_000)
+    assert sorted(r.data for r in records) == sorted(
+        b"%d-%d\n" % (n, i) for n in range(4) for i in range(200)
+    )
+    for n in range(4):  # each thread's records keep their order
+        mine = [r.data for r in records if r.data.startswith(b"%d-" % n)]
+        assert mine == [b"%d-%d\n" % (n, i) for i in range(200)]
+
+
+def test_failed_write_fails_the_tickets_and_hides_the_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = make(tmp_path)
+    spool.append(b"", b"kept\n", 1)
+
+    def disk_full(fd: int, buffers: list[bytes]) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", disk_full)
+    ticket = spool.enqueue(b"", b"lost\n", 1)
+    with pytest.raises(OSError, match="No space"):
+        ticket.wait(10)
+    monkeypatch.undo()
+    later = spool.enqueue(b"", b"after\n", 1)
+    with pytest.raises(OSError, match="No space"):
+        later.wait(10)  # broken until restart
+    records = spool.read(spool.checkpoint, max_bytes=1 << 20, max_count=10)
+    assert [r.data for r in records] == [b"kept\n"]
