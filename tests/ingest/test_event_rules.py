@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
-import orjson
+import msgspec
 import pytest
 from fastapi.testclient import TestClient
 
@@ -302,9 +302,9 @@ def test_probe_rule_names_field_and_rule(
 
 
 def test_ndjson_body(client: TestClient, admin_headers: dict[str, str], services: Services) -> None:
-    lines = [orjson.dumps(event(i)) for i in range(5)]
+    lines = [msgspec.json.encode(event(i)) for i in range(5)]
     lines.insert(2, b"{not json")
-    lines.insert(4, orjson.dumps(event("neg", documents=-2)))
+    lines.insert(4, msgspec.json.encode(event("neg", documents=-2)))
     body = b"\n".join(lines) + b"\n\n"
     response = post(client, admin_headers, "/v1/events", body, "application/x-ndjson")
     assert response.status_code == 202

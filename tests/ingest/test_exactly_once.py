@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import orjson
+import msgspec
 from fastapi.testclient import TestClient
 
 from metering.app import create_app, wait_ready
@@ -19,7 +19,7 @@ from tests.ingest.helpers import event, probe, stored_count
 def send(client: TestClient, headers: dict[str, str], events: list[dict[str, Any]]) -> Any:
     response = client.post(
         "/v1/events",
-        content=orjson.dumps({"events": events}),
+        content=msgspec.json.encode({"events": events}),
         headers={**headers, "content-type": "application/json"},
     )
     assert response.status_code == 202, response.text

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
+import msgspec
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
@@ -20,7 +20,7 @@ from tests.ingest.helpers import event, stored_count
 def send(client: TestClient, headers: dict[str, str], events: list[dict[str, Any]]) -> Any:
     return client.post(
         "/v1/events",
-        content=orjson.dumps({"events": events}),
+        content=msgspec.json.encode({"events": events}),
         headers={**headers, "content-type": "application/json"},
     )
 
