@@ -119,7 +119,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     app = create_app(settings, _admin_token(settings), startup_hooks=hooks)
     print(
         f"metering: serving on http://{args.host}:{args.port} "
-        f"(dashboard /dashboard, API docs /docs)",
+        "(API docs at /docs, OpenAPI at /openapi.json)",
         flush=True,
     )
     uvicorn.run(
