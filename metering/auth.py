@@ -70,6 +70,7 @@ class KeyCache:
         self.ttl = ttl
         self.max_entries = max_entries
         self._entries: dict[str, tuple[Principal, float]] = {}
+        self._revoked: set[str] = set()  # so a lookup racing a revocation is not cached
         self._lock = threading.Lock()
 
     def get(self, token: str) -> Principal | None:
@@ -80,12 +81,15 @@ class KeyCache:
 
     def put(self, token: str, principal: Principal) -> None:
         with self._lock:
+            if principal.key_id in self._revoked:
+                return
             if len(self._entries) >= self.max_entries:
                 self._entries.clear()
             self._entries[token] = (principal, time.monotonic() + self.ttl)
 
     def forget_key(self, key_id: str) -> None:
         with self._lock:
+            self._revoked.add(key_id)
             for token in [t for t, (p, _) in self._entries.items() if p.key_id == key_id]:
                 del self._entries[token]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from clickhouse_connect.driver.client import Client
 from sqlalchemy import Engine
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -29,3 +30,24 @@ def register_pairs(engine: Engine, pairs: Iterable[tuple[str, str]]) -> None:
     with engine.begin() as conn:
         conn.execute(insert(Tenant).on_conflict_do_nothing(), tenants)
         conn.execute(insert(Project).on_conflict_do_nothing(), projects)
+
+
+DISTINCT_PAIRS = "SELECT DISTINCT tenant_id, project_id FROM rerank_events"
+
+
+def register_from_clickhouse(ch: Client, engine: Engine, chunk: int = 50_000) -> int:
+    """Register every (tenant, project) that has events: the backstop for a registration
+    the ingest writer could not make (the relational store was down and the process
+    stopped before it retried). Idempotent; returns the pairs seen."""
+    seen = 0
+    with ch.query_rows_stream(DISTINCT_PAIRS) as rows:
+        batch: list[tuple[str, str]] = []
+        for tenant_id, project_id in rows:
+            batch.append((tenant_id, project_id))
+            if len(batch) >= chunk:
+                register_pairs(engine, batch)
+                seen += len(batch)
+                batch = []
+        register_pairs(engine, batch)
+        seen += len(batch)
+    return seen

@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from metering.probes import run_probes
+from metering.registry import register_from_clickhouse
 
 if TYPE_CHECKING:
     from metering.services import Services
@@ -37,9 +39,19 @@ def _probe_trigger(services: Services) -> dict[str, Any] | None:
     return {"trigger": "interval", "seconds": services.settings.probe_interval_seconds}
 
 
+def _register_tenants(services: Services) -> int:
+    return register_from_clickhouse(services.ch, services.engine)
+
+
 JOBS: dict[str, Job] = {
     job.name: job
     for job in [
+        Job(
+            "register-tenants",
+            "register every tenant and project that has events (backstop; hourly and at start)",
+            _register_tenants,
+            lambda _: {"trigger": "interval", "hours": 1, "next_run_time": datetime.now(UTC)},
+        ),
         Job(
             "probe",
             "probe METERING_PROBE_TARGETS once and ingest the results as uptime probes",

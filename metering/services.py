@@ -108,6 +108,11 @@ class Services:
                 problems["database"] = "migrations pending"
         except Exception as exc:
             problems["database"] = f"{type(exc).__name__}: {exc}"
+        for pipeline in (self.events, self.probes):
+            if pipeline.spool.broken is not None:
+                problems[f"spool_{pipeline.schema.name}"] = (
+                    f"spool write failed, restart needed: {pipeline.spool.broken}"
+                )
         return problems
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ from metering.ingest.schema import (
     TooLarge,
     decode_batch,
 )
-from metering.ingest.spool import SpoolFull
+from metering.ingest.spool import SpoolFull, Unavailable
 
 router = APIRouter(prefix="/v1", tags=["ingest"])
 
@@ -86,6 +86,8 @@ async def _ingest(
         await pipeline.durable(result)
     except SpoolFull as exc:
         return _error(503, f"cannot store events now: {exc}", {"Retry-After": RETRY_AFTER_SECONDS})
+    except Unavailable as exc:
+        return _error(503, str(exc), {"Retry-After": RETRY_AFTER_SECONDS})
     except OSError as exc:
         return _error(503, f"cannot spool events: {exc}", {"Retry-After": RETRY_AFTER_SECONDS})
     payload = {

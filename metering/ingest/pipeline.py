@@ -27,7 +27,7 @@ import msgspec
 from metering import metrics
 from metering.ingest.gate import DedupGate
 from metering.ingest.schema import Decoded, Rejected, StreamSchema, T
-from metering.ingest.spool import Cursor, Record, Spool, Ticket
+from metering.ingest.spool import Cursor, Record, Spool, Ticket, Unavailable
 from metering.ingest.store import IngestStore
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class StreamPipeline(Generic[T]):
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._stored_cond = threading.Condition()
+        self._last_ticket: Ticket | None = None
         self.last_error: str | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -122,7 +123,11 @@ class StreamPipeline(Generic[T]):
     def stop(self, drain_timeout: float = 30.0) -> None:
         """Drain what is spooled (up to `drain_timeout`), then stop the writer."""
         deadline = time.monotonic() + drain_timeout
-        while self._stored_seq < self._appended_seq and time.monotonic() < deadline:
+        while (
+            self._stored_seq < self._appended_seq
+            and self.spool.broken is None
+            and time.monotonic() < deadline
+        ):
             self._wake.set()
             time.sleep(0.01)
         self._stopping.set()
@@ -171,9 +176,16 @@ class StreamPipeline(Generic[T]):
                 else:
                     data = _rows_encoder.encode(accepted)
                 ticket = self.spool.enqueue(meta, data, len(accepted))
+                self._last_ticket = ticket
                 seq = self._appended_seq + 1
                 self.gate.mark_pending(seq, accepted_ids)
                 self._appended_seq = seq
+            elif items and self._last_ticket is not None and (
+                not self._last_ticket.done or self._last_ticket.error is not None
+            ):
+                # Duplicates may name keys whose record is still being written: answer
+                # only once everything enqueued before is on disk (or fail with it).
+                ticket = self._last_ticket
         metrics.INGEST_ITEMS.labels(self.schema.name, "accepted").inc(len(accepted))
         metrics.INGEST_ITEMS.labels(self.schema.name, "duplicate").inc(len(items) - len(accepted))
         metrics.INGEST_ITEMS.labels(self.schema.name, "rejected").inc(len(decoded.rejected))
@@ -242,15 +254,26 @@ class StreamPipeline(Generic[T]):
 
     def _lookup(self, ids: list[str]) -> set[str]:
         metrics.GATE_LOOKUPS.labels(self.schema.name).inc()
-        return self.store.existing_ids(ids)
+        try:
+            return self.store.existing_ids(ids)
+        except Exception as exc:
+            # Without the answer no key of the batch can be decided: 503, retry later.
+            raise Unavailable(f"cannot check for duplicates now: {exc}") from exc
 
     def _run(self) -> None:
         check = False
         backoff = 0.1
         while not self._stopping.is_set():
-            records = self.spool.read(
-                self._read_pos, max_bytes=WRITER_MAX_BYTES, max_count=WRITER_MAX_ROWS
-            )
+            try:
+                records = self.spool.read(
+                    self._read_pos, max_bytes=WRITER_MAX_BYTES, max_count=WRITER_MAX_ROWS
+                )
+            except Exception as exc:
+                self.last_error = f"spool read: {type(exc).__name__}: {exc}"
+                log.error("reading the %s spool failed: %s", self.schema.name, exc)
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
             if not records:
                 self._register_keys(set())
                 self._wake.wait(WRITER_IDLE_WAIT)

@@ -25,8 +25,8 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_FUTURE = timedelta(minutes=5)
 MAX_AGE = timedelta(days=400)
 
-_ACCOUNT = "^[A-Za-z0-9_.:-]+$"
-_PROVIDER = "^[a-z0-9_-]+$"
+_ACCOUNT = r"^[A-Za-z0-9_.:-]+\Z"  # \Z, not $: "$" also matches before a final newline
+_PROVIDER = r"^[a-z0-9_-]+\Z"
 
 # Character-set rules are checked by `post_check` over the distinct values of a batch
 # (with a cache): msgspec's per-value regex made the whole decode 3x slower.
@@ -519,6 +519,8 @@ def decode_batch(
             raws = _split_ndjson(body)
             array = b"[" + b",".join(raws) + b"]"
             typed = schema.list_decoder.decode(array)
+            if len(typed) != len(raws):  # a line held more than one value: not NDJSON
+                typed = None
         else:
             typed = getattr(schema.envelope_decoder.decode(body), schema.envelope_key)
     except (msgspec.ValidationError, msgspec.DecodeError):

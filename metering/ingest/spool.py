@@ -31,7 +31,11 @@ SEGMENT_BYTES = 64 * 1024 * 1024
 _IOV_MAX = 1020  # buffers per writev (Linux allows 1024)
 
 
-class SpoolFull(RuntimeError):
+class Unavailable(RuntimeError):
+    """Items can be neither stored nor spooled right now (the API answers 503)."""
+
+
+class SpoolFull(Unavailable):
     """The spool holds `max_bytes` of unapplied records."""
 
 
@@ -70,6 +74,7 @@ class Spool:
         if not self._segments:
             self._segments = [self.checkpoint.segment]
         self._recover_tail()
+        self._clamp_checkpoint()
         last = self._segments[-1]
         self._fd = os.open(self._path(last), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._write_pos = Cursor(last, os.fstat(self._fd).st_size)
@@ -96,11 +101,16 @@ class Spool:
         return [n for n in numbers if n >= self.checkpoint.segment]
 
     def _read_checkpoint(self) -> Cursor:
+        """The stored checkpoint; if it is missing or unreadable (power loss), the start
+        of the oldest segment: replaying too much is safe, the writer skips stored rows."""
         try:
             segment, offset = self._checkpoint_path.read_text().split()
             return Cursor(int(segment), int(offset))
         except FileNotFoundError:
             return Cursor(0, 0)
+        except ValueError:
+            numbers = sorted(int(p.name[4:16]) for p in self.dir.glob("seg-*.wal"))
+            return Cursor(numbers[0] if numbers else 0, 0)
 
     def _recover_tail(self) -> None:
         """Cut a torn record off the end of the last segment."""
@@ -116,6 +126,14 @@ class Spool:
             with open(last, "r+b") as handle:
                 handle.truncate(good)
                 os.fsync(handle.fileno())
+
+    def _clamp_checkpoint(self) -> None:
+        """A checkpoint past the end of its segment (its file lost a tail in a power
+        loss that the checkpoint survived) is pulled back to that end."""
+        path = self._path(self.checkpoint.segment)
+        size = path.stat().st_size if path.exists() else 0
+        if self.checkpoint.offset > size:
+            self.checkpoint = Cursor(self.checkpoint.segment, size)
 
     def _bytes_after(self, cursor: Cursor) -> int:
         total = 0
@@ -181,7 +199,9 @@ class Spool:
                     ticket.fail(exc)
                 continue
             with self._lock:
-                self._write_pos = end  # readers see the records only once durable
+                # Readers see the records once durable (a segment rotation mid-batch
+                # publishes the records before it early; they are fsync'd by then).
+                self._write_pos = end
             for _, _, ticket in batch:
                 ticket.complete()
 
@@ -276,7 +296,11 @@ class Spool:
     def commit(self, cursor: Cursor, freed_bytes: int) -> None:
         """Everything before `cursor` is stored in ClickHouse: move the checkpoint."""
         tmp = self._checkpoint_path.with_suffix(".tmp")
-        tmp.write_text(f"{cursor.segment} {cursor.offset}\n")
+        with open(tmp, "w") as handle:
+            handle.write(f"{cursor.segment} {cursor.offset}\n")
+            if self.fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, self._checkpoint_path)
         with self._lock:
             self.checkpoint = cursor

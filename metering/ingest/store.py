@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -78,7 +78,9 @@ class IngestStore:
         """Which of `ids` are in the main table (used when replaying after a failure)."""
         if not ids:
             return set()
-        days = sorted({t.date() for t in times})
+        # toDate(timestamp) is the UTC day: an event at 20:00-05:00 is stored under the
+        # next day, so the days must be taken in UTC too.
+        days = sorted({t.astimezone(UTC).date() for t in times})
         rows = self.client.query(
             self.table.existing_in_table, parameters={"ids": ids, "days": days}
         ).result_rows
@@ -90,7 +92,7 @@ class IngestStore:
 
     def id_hashes(self) -> Iterator[npt.NDArray[np.uint64]]:
         """The MD5 halves of every stored id, in blocks (for the gate's Bloom filter)."""
-        with self.client.query_np_stream(
+        with self.reader.query_np_stream(
             ID_HASHES, parameters={"stream": self.table.stream}
         ) as stream:
             for block in stream:
