@@ -180,8 +180,10 @@ class StreamPipeline(Generic[T]):
                 seq = self._appended_seq + 1
                 self.gate.mark_pending(seq, accepted_ids)
                 self._appended_seq = seq
-            elif items and self._last_ticket is not None and (
-                not self._last_ticket.done or self._last_ticket.error is not None
+            elif (
+                items
+                and self._last_ticket is not None
+                and (not self._last_ticket.done or self._last_ticket.error is not None)
             ):
                 # Duplicates may name keys whose record is still being written: answer
                 # only once everything enqueued before is on disk (or fail with it).
