@@ -295,12 +295,11 @@ class Spool:
 
     def commit(self, cursor: Cursor, freed_bytes: int) -> None:
         """Everything before `cursor` is stored in ClickHouse: move the checkpoint."""
+        # Not fsync'd on purpose: a checkpoint that a power loss leaves stale, empty or
+        # past the end only makes the next start replay more (the writer skips rows
+        # ClickHouse already has), never less.
         tmp = self._checkpoint_path.with_suffix(".tmp")
-        with open(tmp, "w") as handle:
-            handle.write(f"{cursor.segment} {cursor.offset}\n")
-            if self.fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
+        tmp.write_text(f"{cursor.segment} {cursor.offset}\n")
         os.replace(tmp, self._checkpoint_path)
         with self._lock:
             self.checkpoint = cursor
