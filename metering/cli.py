@@ -16,7 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from metering.datadir import DataDirBusy, DataDirLock, ensure_admin_token
+from metering.datadir import ensure_admin_token, lock_or_explain
 from metering.settings import Settings
 
 
@@ -67,11 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from metering import simulate as simulate_module
 
         return simulate_module.main(args, settings)
-    lock = DataDirLock(settings.data_dir)
-    try:
-        lock.acquire()
-    except DataDirBusy as exc:
-        print(f"metering: {exc}", file=sys.stderr)
+    lock = lock_or_explain(settings.data_dir)
+    if lock is None:
         return 1
     try:
         if args.command == "serve":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import sys
 from pathlib import Path
 from typing import IO
 
@@ -49,6 +50,18 @@ class DataDirLock:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+
+
+def lock_or_explain(data_dir: Path) -> DataDirLock | None:
+    """Take the data dir's lock for a command; if another process holds it, print the
+    one-line reason to stderr and return None (the command then exits 1)."""
+    lock = DataDirLock(data_dir)
+    try:
+        lock.acquire()
+    except DataDirBusy as exc:
+        print(f"metering: {exc}", file=sys.stderr)
+        return None
+    return lock
 
 
 def ensure_admin_token(data_dir: Path, configured: str | None) -> tuple[str, bool]:

@@ -1161,7 +1161,7 @@ def _backfill_command(args: argparse.Namespace, settings: Settings) -> int:
     from metering import relational_migrations
     from metering.clickhouse import migrations as ch_migrations
     from metering.clickhouse.client import make_client
-    from metering.datadir import DataDirBusy, DataDirLock
+    from metering.datadir import lock_or_explain
     from metering.db import make_engine
 
     events = args.events
@@ -1179,12 +1179,10 @@ def _backfill_command(args: argparse.Namespace, settings: Settings) -> int:
     except BackfillError as exc:
         print(f"metering simulate: {exc}", file=sys.stderr)
         return 2
-    lock = DataDirLock(settings.data_dir) if settings.uses_chdb else None
-    if lock is not None:
-        try:
-            lock.acquire()
-        except DataDirBusy as exc:
-            print(f"metering: {exc}", file=sys.stderr)
+    lock = None
+    if settings.uses_chdb:
+        lock = lock_or_explain(settings.data_dir)
+        if lock is None:
             return 1
     try:
         engine = make_engine(settings.resolved_database_url)
