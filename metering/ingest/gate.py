@@ -179,4 +179,5 @@ class DedupGate:
 
     @property
     def pending_count(self) -> int:
-        return sum(len(keys) for _, keys in self._pending)
+        with self.lock:  # the deque changes under the lock on other threads
+            return sum(len(keys) for _, keys in self._pending)
