@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -41,3 +42,17 @@ def stored_count(services: Any, table: str = "rerank_events") -> tuple[int, int]
     id_col = "event_id" if table == "rerank_events" else "probe_id"
     rows = services.ch.query(f"SELECT count(), uniqExact({id_col}) FROM {table}").result_rows
     return int(rows[0][0]), int(rows[0][1])
+
+
+def failing_first(times: int, real: Callable[..., Any], error: Exception) -> Any:
+    """A stand-in for `real` that raises `error` on its first `times` calls; `.left`
+    tells how many failures are still to come."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if wrapper.left:  # type: ignore[attr-defined]
+            wrapper.left -= 1  # type: ignore[attr-defined]
+            raise error
+        return real(*args, **kwargs)
+
+    wrapper.left = times  # type: ignore[attr-defined]
+    return wrapper

@@ -97,6 +97,16 @@ def post(
     return client.post(path, content=data, headers={**headers, "content-type": content_type})
 
 
+def broken(item: dict[str, Any], field: str, value: Any) -> dict[str, Any]:
+    """`item` with `field` removed (MISSING) or set to `value` (a callable is called, so
+    times are relative to the test's now)."""
+    if value is MISSING:
+        del item[field]
+    else:
+        item[field] = value() if callable(value) else value
+    return item
+
+
 @pytest.mark.parametrize(
     ("field", "value", "errors"), EVENT_RULES, ids=[f"{f}={str(v)[:12]}" for f, v, _ in EVENT_RULES]
 )
@@ -108,11 +118,7 @@ def test_event_rule_names_field_and_rule(
     value: Any,
     errors: list[str],
 ) -> None:
-    bad = event("bad")
-    if value is MISSING:
-        del bad[field]
-    else:
-        bad[field] = value() if callable(value) else value  # times relative to the test's now
+    bad = broken(event("bad"), field, value)
     response = post(client, admin_headers, "/v1/events", {"events": [event("a"), bad, event("b")]})
     assert response.status_code == 202, response.text
     body = response.json()
@@ -285,11 +291,7 @@ def test_probe_rule_names_field_and_rule(
     value: Any,
     errors: list[str],
 ) -> None:
-    bad = probe("bad")
-    if value is MISSING:
-        del bad[field]
-    else:
-        bad[field] = value
+    bad = broken(probe("bad"), field, value)
     response = post(client, admin_headers, "/v1/probes", {"probes": [probe("a"), bad]})
     assert response.status_code == 202, response.text
     expected_id = bad.get("probe_id") if isinstance(bad.get("probe_id"), str) else None

@@ -13,7 +13,7 @@ from metering.app import create_app, wait_ready
 from metering.services import Services
 from metering.settings import Settings
 from tests.conftest import ADMIN_TOKEN
-from tests.ingest.helpers import event, probe, stored_count
+from tests.ingest.helpers import event, failing_first, probe, stored_count
 
 
 def send(client: TestClient, headers: dict[str, str], events: list[dict[str, Any]]) -> Any:
@@ -129,21 +129,16 @@ def test_failed_insert_is_retried_without_double_counting(
     """The rows reach ClickHouse but the id insert fails: the retry must skip the rows."""
     store = services.events.store
     real_insert_ids = store.insert_ids
-    failures = {"left": 2}
-
-    def flaky_insert_ids(ids: list[str]) -> None:
-        if failures["left"]:
-            failures["left"] -= 1
-            raise ConnectionError("simulated ClickHouse failure after the rows were stored")
-        real_insert_ids(ids)
-
+    flaky_insert_ids = failing_first(
+        2, real_insert_ids, ConnectionError("simulated failure after the rows were stored")
+    )
     store.insert_ids = flaky_insert_ids  # type: ignore[method-assign]
     try:
         assert send(client, admin_headers, [event(i) for i in range(300)])["accepted"] == 300
         assert services.events.wait_stored(timeout=15)
     finally:
         store.insert_ids = real_insert_ids  # type: ignore[method-assign]
-    assert failures["left"] == 0
+    assert flaky_insert_ids.left == 0
     assert stored_count(services) == (300, 300)
     ids = services.ch.query("SELECT count() FROM ingested_ids FINAL WHERE stream = 'events'")
     assert ids.result_rows == [(300,)]

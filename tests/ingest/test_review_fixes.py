@@ -20,7 +20,7 @@ from metering.auth import KeyCache, Principal
 from metering.ingest.spool import Spool
 from metering.registry import register_from_clickhouse
 from metering.services import Services
-from tests.ingest.helpers import event, stored_count
+from tests.ingest.helpers import event, failing_first, stored_count
 
 
 def send(client: TestClient, headers: dict[str, str], events: list[dict[str, Any]]) -> Any:
@@ -38,20 +38,12 @@ def test_retry_after_failed_insert_uses_utc_days(
     evening = (datetime.now(UTC) - timedelta(days=1)).astimezone(timezone(timedelta(hours=-5)))
     evening = evening.replace(hour=20, minute=0)
     store = services.events.store
-    real = store.insert_ids
-    fail = {"left": 1}
-
-    def flaky(ids: list[str]) -> None:
-        if fail["left"]:
-            fail["left"] -= 1
-            raise ConnectionError("timed out after the rows were stored")
-        real(ids)
-
+    flaky = failing_first(1, store.insert_ids, ConnectionError("timed out after the rows landed"))
     store.insert_ids = flaky  # type: ignore[method-assign]
     events = [event(i, timestamp=(evening + timedelta(minutes=i)).isoformat()) for i in range(50)]
     assert send(client, admin_headers, events).json()["accepted"] == 50
     assert services.events.wait_stored(timeout=20)
-    assert fail["left"] == 0
+    assert flaky.left == 0
     assert stored_count(services) == (50, 50)
 
 
