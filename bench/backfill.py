@@ -64,10 +64,11 @@ def _rss_mb() -> float:
 
 
 def phase_backfill(path: Path, events: int, tenants: int, days: float) -> dict[str, Any]:
-    from metering import relational_migrations, simulate
+    from metering import simulate
     from metering.clickhouse import migrations
     from metering.clickhouse.client import make_client
-    from metering.db import make_engine
+    from metering.db import migrations as relational_migrations
+    from metering.db.engine import make_engine
 
     ch = make_client(f"chdb://{path / 'clickhouse'}", "default")
     migrations.migrate(ch)

@@ -21,7 +21,9 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from metering import __version__, metrics
-from metering.api import ROUTERS
+from metering.auth.routes import router as api_keys_router
+from metering.health.routes import router as health_router
+from metering.ingest.routes import router as ingest_router
 from metering.scheduler import Scheduler
 from metering.services import Services
 from metering.settings import Settings
@@ -138,7 +140,7 @@ def create_app(
     app.add_middleware(MetricsMiddleware)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    for router in ROUTERS:
+    for router in (health_router, api_keys_router, ingest_router):
         app.include_router(router)
 
     @app.get("/", include_in_schema=False)

@@ -133,10 +133,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from metering import relational_migrations
     from metering.clickhouse import migrations as ch_migrations
     from metering.clickhouse.client import make_client
-    from metering.db import make_engine
+    from metering.db import migrations as relational_migrations
+    from metering.db.engine import make_engine
 
     engine = make_engine(settings.resolved_database_url)
     ch = make_client(settings.resolved_clickhouse_url, settings.clickhouse_database)

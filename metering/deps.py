@@ -13,8 +13,8 @@ from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from metering.auth import Principal, resolve
-from metering.db import session_scope
+from metering.auth.service import Principal, resolve
+from metering.db.engine import session_scope
 from metering.services import Services
 
 

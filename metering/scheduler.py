@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from metering.probes import run_probes
-from metering.registry import register_from_clickhouse
+from metering.probes.job import run_probes
+from metering.tenants.registration import register_from_clickhouse
 
 if TYPE_CHECKING:
     from metering.services import Services

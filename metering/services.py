@@ -16,16 +16,17 @@ from clickhouse_connect.driver.client import Client
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from metering import relational_migrations
-from metering.auth import KeyCache
+from metering.auth.service import KeyCache
 from metering.clickhouse import migrations as ch_migrations
 from metering.clickhouse.client import make_client
-from metering.db import make_engine, make_session_factory
+from metering.db import migrations as relational_migrations
+from metering.db.engine import make_engine, make_session_factory
+from metering.ingest.decode import EVENTS, PROBES
 from metering.ingest.pipeline import StreamPipeline
-from metering.ingest.schema import EVENTS, PROBES, Event, Probe
 from metering.ingest.store import EVENTS_TABLE, PROBES_TABLE, IngestStore
-from metering.registry import register_pairs
+from metering.ingest.structs import Event, Probe
 from metering.settings import Settings
+from metering.tenants.registration import register_pairs
 
 log = logging.getLogger(__name__)
 

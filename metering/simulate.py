@@ -79,9 +79,9 @@ import numpy.typing as npt
 from clickhouse_connect.driver.client import Client
 from sqlalchemy import Engine
 
-from metering.ingest.schema import MAX_AGE, MAX_FUTURE
-from metering.registry import register_pairs
+from metering.ingest.structs import MAX_AGE, MAX_FUTURE
 from metering.settings import Settings
+from metering.tenants.registration import register_pairs
 
 if TYPE_CHECKING:
     from metering.services import Services
@@ -1158,11 +1158,11 @@ def main(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _backfill_command(args: argparse.Namespace, settings: Settings) -> int:
-    from metering import relational_migrations
     from metering.clickhouse import migrations as ch_migrations
     from metering.clickhouse.client import make_client
     from metering.datadir import lock_or_explain
-    from metering.db import make_engine
+    from metering.db import migrations as relational_migrations
+    from metering.db.engine import make_engine
 
     events = args.events
     if events is None:

@@ -7,12 +7,12 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from metering.db import make_engine
-from metering.models import Base
+from metering.db.engine import make_engine
+from metering.db.metadata import metadata
 from metering.settings import Settings
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def _run(connection: Connection) -> None:

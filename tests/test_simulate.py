@@ -16,14 +16,15 @@ from clickhouse_connect.driver.client import Client
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
 
-from metering import relational_migrations, simulate
+from metering import simulate
 from metering.clickhouse import migrations as ch_migrations
 from metering.client import MeteringClient
-from metering.db import make_engine
-from metering.ingest.schema import EVENTS, PROBES, decode_batch
-from metering.models import Project, Tenant
+from metering.db import migrations as relational_migrations
+from metering.db.engine import make_engine
+from metering.ingest.decode import EVENTS, PROBES, decode_batch
 from metering.services import Services
 from metering.settings import Settings
+from metering.tenants.models import Project, Tenant
 
 END = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
 PLAN = simulate.BackfillPlan(days=2, events=20_000, tenants=300, seed=7, end=END)

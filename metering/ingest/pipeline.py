@@ -25,8 +25,8 @@ from typing import Any, Generic
 import msgspec
 
 from metering import metrics
+from metering.ingest.decode import Decoded, Rejected, StreamSchema, T
 from metering.ingest.gate import DedupGate
-from metering.ingest.schema import Decoded, Rejected, StreamSchema, T
 from metering.ingest.spool import Cursor, Record, Spool, Ticket, Unavailable
 from metering.ingest.store import IngestStore
 

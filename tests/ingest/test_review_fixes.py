@@ -16,10 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from metering.auth import KeyCache, Principal
+from metering.auth.service import KeyCache, Principal
 from metering.ingest.spool import Spool
-from metering.registry import register_from_clickhouse
 from metering.services import Services
+from metering.tenants.registration import register_from_clickhouse
 from tests.ingest.helpers import event, failing_first, stored_count
 
 

@@ -1,6 +1,6 @@
 """POST /v1/events and POST /v1/probes: the gateway's ingest endpoints.
 
-The body is read raw and decoded by msgspec (see metering.ingest.schema); FastAPI's
+The body is read raw and decoded by msgspec (see metering.ingest.decode); FastAPI's
 own body parsing is skipped on this path because it is ~3x slower. A 202 is sent only
 after the accepted items are in the spool (and fsync'd when METERING_SPOOL_FSYNC is
 "always"), so it means the items are durable.
@@ -14,20 +14,17 @@ import msgspec
 from fastapi import APIRouter, Request, Response
 
 from metering.deps import Ingest, ServicesDep
-from metering.ingest.pipeline import StreamPipeline, SubmitResult
-from metering.ingest.schema import (
+from metering.ingest.decode import (
     EVENTS,
-    MAX_BATCH_EVENTS,
-    MAX_BODY_BYTES,
     PROBES,
     BodyError,
-    Event,
-    Probe,
     StreamSchema,
     TooLarge,
     decode_batch,
 )
+from metering.ingest.pipeline import StreamPipeline, SubmitResult
 from metering.ingest.spool import SpoolFull, Unavailable
+from metering.ingest.structs import MAX_BATCH_EVENTS, MAX_BODY_BYTES, Event, Probe
 
 router = APIRouter(prefix="/v1", tags=["ingest"])
 

@@ -8,9 +8,9 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from metering import auth
+from metering.auth import service as auth
+from metering.auth.models import ApiKey
 from metering.deps import Admin, ServicesDep, SessionDep
-from metering.models import ApiKey
 
 router = APIRouter(prefix="/v1/api-keys", tags=["api keys"])
 

@@ -1,99 +1,34 @@
-"""The contract's event and probe schemas, and batch decoding with per-item errors.
+"""Rules msgspec does not check itself, and the wording of every broken rule.
 
-Hot path: msgspec decodes and validates a whole batch into typed Structs in one call
-(~3x faster than pydantic here). Only a batch that holds an invalid item takes the slow
-path, where each item is decoded alone and an invalid one is explained by `explain_*`,
-which lists every broken rule as "field: rule". msgspec alone decides validity; the
-explainers only word it, so the two paths cannot disagree on what is accepted.
+`check_*` apply the timestamp window and the character sets to decoded items;
+`explain_*` word every rule a raw (JSON-decoded) item breaks as "field: rule". msgspec
+alone decides validity; the explainers only word it, so the fast and the slow path of
+`decode.py` cannot disagree on what is accepted.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from functools import cached_property
+from datetime import UTC, datetime
 from itertools import chain
 from operator import attrgetter
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Any
 
 import msgspec
 
-MAX_BATCH_EVENTS = 10_000
-MAX_BODY_BYTES = 16 * 1024 * 1024
-MAX_FUTURE = timedelta(minutes=5)
-MAX_AGE = timedelta(days=400)
+from metering.ingest.structs import (
+    ACCOUNT_PATTERN,
+    MAX_AGE,
+    MAX_FUTURE,
+    MAX_QUERIES,
+    MAX_TOKENS,
+    PROVIDER_PATTERN,
+    Event,
+    Probe,
+)
 
-_ACCOUNT = r"^[A-Za-z0-9_.:-]+\Z"  # \Z, not $: "$" also matches before a final newline
-_PROVIDER = r"^[a-z0-9_-]+\Z"
-
-# Character-set rules are checked by `post_check` over the distinct values of a batch
-# (with a cache): msgspec's per-value regex made the whole decode 3x slower.
-AccountId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-ProviderName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
-NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
-# Storage bounds the contract leaves open: token counts fit sums over years of events in
-# ClickHouse's UInt64, queries fit UInt32.
-MAX_TOKENS = 10**12
-MAX_QUERIES = 2**32 - 1
-Tokens = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)]
-HttpStatus = Annotated[int, msgspec.Meta(ge=100, le=599)]
-Short = Annotated[str, msgspec.Meta(max_length=64)]
-
-
-class Fallback(msgspec.Struct, gc=False):
-    """A failed attempt before the provider that finally served (or last failed)."""
-
-    provider: ProviderName
-    latency_ms: NonNegFloat
-    model: Annotated[str, msgspec.Meta(max_length=128)] | None = None
-    region: Short | None = None
-    error_type: Short | None = None
-    http_status: HttpStatus | None = None
-
-
-class Event(msgspec.Struct, gc=False):
-    """One gateway rerank request. Field names are the ClickHouse column names."""
-
-    event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-    timestamp: AwareDatetime
-    tenant_id: AccountId
-    project_id: AccountId
-    provider: ProviderName
-    model: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-    status: Literal["ok", "error"]
-    documents: Annotated[int, msgspec.Meta(ge=0, le=100_000)]
-    input_tokens: Tokens
-    latency_ms: NonNegFloat
-    api_key_id: Short | None = None
-    region: Short = "global"
-    http_status: HttpStatus | None = None
-    error_type: Short | None = None
-    queries: Annotated[int, msgspec.Meta(ge=1, le=MAX_QUERIES)] = 1
-    output_tokens: Tokens = 0
-    fallbacks: tuple[Fallback, ...] = ()
-
-
-class Probe(msgspec.Struct, gc=False):
-    """One uptime probe result."""
-
-    probe_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-    timestamp: AwareDatetime
-    provider: ProviderName
-    ok: bool
-    latency_ms: NonNegFloat
-    region: Short = "global"
-    http_status: HttpStatus | None = None
-    error: Annotated[str, msgspec.Meta(max_length=1024)] | None = None
-
-
-# ---------------------------------------------------------------------------------------
-# Explaining invalid items: every broken rule, worded "field: rule".
-
-_ACCOUNT_RE = re.compile(_ACCOUNT)
-_PROVIDER_RE = re.compile(_PROVIDER)
+_ACCOUNT_RE = re.compile(ACCOUNT_PATTERN)
+_PROVIDER_RE = re.compile(PROVIDER_PATTERN)
 _MISSING = object()
 
 
@@ -406,193 +341,3 @@ def explain_probe(item: Any) -> list[str]:
     _check_int(errors, "http_status", g("http_status", _MISSING), required=False, ge=100, le=599)
     _check_str(errors, "error", g("error", _MISSING), required=False, max_len=1024)
     return errors
-
-
-# ---------------------------------------------------------------------------------------
-# Batch decoding.
-
-T = TypeVar("T", bound=msgspec.Struct)
-
-
-class BodyError(ValueError):
-    """The body as a whole is unusable (400)."""
-
-
-class TooLarge(ValueError):
-    """The body breaks a size limit (413)."""
-
-
-@dataclass(slots=True)
-class Rejected:
-    index: int
-    item_id: str | None
-    errors: list[str]
-
-
-@dataclass(slots=True)
-class Decoded(Generic[T]):
-    items: list[T]  # the valid items, in batch order
-    rejected: list[Rejected]
-    # The JSON array of exactly `items`, as sent, when every item was valid: the spool
-    # can store these bytes instead of encoding the items again.
-    raw: bytes | None = None
-
-
-@dataclass(frozen=True, eq=False)
-class StreamSchema(Generic[T]):
-    """What differs between the event and the probe stream."""
-
-    name: str  # "events" / "probes"
-    envelope_key: str  # key of the list in a JSON body
-    id_field: str
-    item_type: type[T]
-    explain: Callable[[Any], list[str]]
-    check: Callable[[T, datetime, datetime], list[str] | None]
-    all_valid: Callable[[list[T], datetime, datetime], bool]
-
-    def item_id(self, item: T) -> str:
-        return str(getattr(item, self.id_field))
-
-    @cached_property
-    def list_decoder(self) -> msgspec.json.Decoder[list[T]]:
-        return msgspec.json.Decoder(list[self.item_type])  # type: ignore[name-defined]
-
-    @cached_property
-    def raw_envelope_decoder(self) -> msgspec.json.Decoder[Any]:
-        envelope = msgspec.defstruct(
-            f"{self.name.title()}RawBatch", [(self.envelope_key, msgspec.Raw)]
-        )
-        return msgspec.json.Decoder(envelope)
-
-    @cached_property
-    def envelope_decoder(self) -> msgspec.json.Decoder[Any]:
-        envelope = msgspec.defstruct(
-            f"{self.name.title()}Batch",
-            [(self.envelope_key, list[self.item_type])],  # type: ignore[name-defined]
-        )
-        return msgspec.json.Decoder(envelope)
-
-
-EVENTS: StreamSchema[Event] = StreamSchema(
-    "events", "events", "event_id", Event, explain_event, check_event, events_all_valid
-)
-PROBES: StreamSchema[Probe] = StreamSchema(
-    "probes", "probes", "probe_id", Probe, explain_probe, check_probe, probes_all_valid
-)
-
-_raw_list = msgspec.json.Decoder(list[msgspec.Raw])
-_any = msgspec.json.Decoder()
-
-
-def _split_json_body(schema: StreamSchema[Any], body: bytes) -> list[msgspec.Raw]:
-    try:
-        doc = msgspec.json.decode(body, type=dict[str, msgspec.Raw])
-    except msgspec.ValidationError:
-        raise BodyError(f'body: must be a JSON object {{"{schema.envelope_key}": [...]}}') from None
-    except msgspec.DecodeError as exc:
-        raise BodyError(f"body: not valid JSON ({exc})") from None
-    raw = doc.get(schema.envelope_key)
-    if raw is None:
-        raise BodyError(f'body: missing "{schema.envelope_key}" (a list)')
-    try:
-        return _raw_list.decode(raw)
-    except msgspec.ValidationError:
-        raise BodyError(f"{schema.envelope_key}: must be a list") from None
-
-
-def _split_ndjson(body: bytes) -> list[bytes]:
-    return [line for line in body.split(b"\n") if line.strip()]
-
-
-def decode_batch(
-    schema: StreamSchema[T], body: bytes, *, ndjson: bool, now: datetime | None = None
-) -> Decoded[T]:
-    """Decode a request body into valid items and rejected ones, in batch order."""
-    if len(body) > MAX_BODY_BYTES:
-        raise TooLarge(f"body: must be at most {MAX_BODY_BYTES} bytes")
-    now = now or datetime.now(UTC)
-    typed: list[T] | None = None
-    raws: list[bytes] | list[msgspec.Raw] | None = None
-    array: bytes | None = None
-    try:
-        if ndjson:
-            raws = _split_ndjson(body)
-            array = b"[" + b",".join(raws) + b"]"
-            typed = schema.list_decoder.decode(array)
-            if len(typed) != len(raws):  # a line held more than one value: not NDJSON
-                typed = None
-        else:
-            typed = getattr(schema.envelope_decoder.decode(body), schema.envelope_key)
-    except (msgspec.ValidationError, msgspec.DecodeError):
-        typed = None
-    if typed is None:
-        return _decode_one_by_one(schema, body, raws, now)
-    if len(typed) > MAX_BATCH_EVENTS:
-        raise TooLarge(f"{schema.envelope_key}: at most {MAX_BATCH_EVENTS} per request")
-    lo, hi = window(now)
-    if schema.all_valid(typed, lo, hi):
-        if array is None:
-            # The list's bytes exactly as sent (a scan, no objects built).
-            array = bytes(getattr(schema.raw_envelope_decoder.decode(body), schema.envelope_key))
-        return Decoded(typed, [], array)
-    items: list[T] = []
-    rejected: list[Rejected] = []
-    check = schema.check
-    for index, item in enumerate(typed):
-        problems = check(item, lo, hi)
-        if problems:
-            rejected.append(Rejected(index, schema.item_id(item), problems))
-        else:
-            items.append(item)
-    return Decoded(items, rejected)
-
-
-def _decode_one_by_one(
-    schema: StreamSchema[T],
-    body: bytes,
-    raws: list[bytes] | list[msgspec.Raw] | None,
-    now: datetime,
-) -> Decoded[T]:
-    """Slow path: the batch holds at least one invalid item (or is not usable at all)."""
-    if raws is None:
-        raws = _split_json_body(schema, body)
-    elif raws and all(_not_json(line) for line in raws):
-        raise BodyError("body: not valid NDJSON (one JSON object per line)")
-    if len(raws) > MAX_BATCH_EVENTS:
-        raise TooLarge(f"{schema.envelope_key}: at most {MAX_BATCH_EVENTS} per request")
-    items: list[T] = []
-    rejected: list[Rejected] = []
-    decoder = msgspec.json.Decoder(schema.item_type)
-    lo, hi = window(now)
-    for index, raw in enumerate(raws):
-        try:
-            item = decoder.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            rejected.append(_explain(schema, raw, exc, index))
-            continue
-        problems = schema.check(item, lo, hi)
-        if problems:
-            rejected.append(Rejected(index, schema.item_id(item), problems))
-        else:
-            items.append(item)
-    return Decoded(items, rejected)
-
-
-def _not_json(line: bytes | msgspec.Raw) -> bool:
-    try:
-        _any.decode(line)
-    except msgspec.DecodeError:
-        return True
-    return False
-
-
-def _explain(
-    schema: StreamSchema[Any], raw: bytes | msgspec.Raw, exc: Exception, index: int
-) -> Rejected:
-    try:
-        doc = _any.decode(raw)
-    except msgspec.DecodeError as decode_error:
-        return Rejected(index, None, [f"{schema.name[:-1]}: not valid JSON ({decode_error})"])
-    item_id = doc.get(schema.id_field) if isinstance(doc, dict) else None
-    errors = schema.explain(doc) or [f"{schema.name[:-1]}: {exc}"]
-    return Rejected(index, item_id if isinstance(item_id, str) else None, errors)

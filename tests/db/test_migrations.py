@@ -8,15 +8,15 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from metering import relational_migrations
-from metering.db import make_engine
-from metering.models import Base
+from metering.db import migrations as relational_migrations
+from metering.db.engine import make_engine
+from metering.db.metadata import metadata
 
 
 def _diff(engine):  # type: ignore[no-untyped-def]
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"compare_type": True})
-        return compare_metadata(context, Base.metadata)
+        return compare_metadata(context, metadata)
 
 
 def test_upgrade_from_empty_matches_models(database_url: str) -> None:
@@ -25,7 +25,7 @@ def test_upgrade_from_empty_matches_models(database_url: str) -> None:
     assert applied == ["0001"]
     assert _diff(engine) == []
     tables = set(inspect(engine).get_table_names())
-    assert set(Base.metadata.tables) <= tables
+    assert set(metadata.tables) <= tables
     engine.dispose()
 
 
@@ -44,7 +44,7 @@ def test_downgrade_to_base_and_up_again(database_url: str) -> None:
     with engine.begin() as conn:
         config.attributes["connection"] = conn
         command.downgrade(config, "base")
-    assert not set(Base.metadata.tables) & set(inspect(engine).get_table_names())
+    assert not set(metadata.tables) & set(inspect(engine).get_table_names())
     relational_migrations.upgrade(engine)
     assert _diff(engine) == []
     engine.dispose()

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from metering.auth import ADMIN, Principal
+from metering.auth.service import ADMIN, Principal
 from metering.services import Services
 
 PROTECTED = [

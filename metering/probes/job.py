@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from metering.ingest.schema import Decoded, Probe
+from metering.ingest.decode import Decoded
+from metering.ingest.structs import Probe
 
 if TYPE_CHECKING:
     from metering.services import Services

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from metering.app import create_app, wait_ready
-from metering.probes import Target, parse_targets, run_probes
+from metering.probes.job import Target, parse_targets, run_probes
 from metering.scheduler import JOBS
 from metering.settings import Settings
 from tests.conftest import ADMIN_TOKEN

@@ -20,7 +20,8 @@ from typing import Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from metering.models import ApiKey, utcnow
+from billing.db import utcnow
+from metering.auth.models import ApiKey
 
 Scope = Literal["ingest", "read", "admin"]
 ALL_SCOPES: frozenset[str] = frozenset({"ingest", "read", "admin"})

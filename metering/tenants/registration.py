@@ -13,7 +13,8 @@ from sqlalchemy import Engine
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from metering.models import Project, Tenant, utcnow
+from billing.db import utcnow
+from metering.tenants.models import Project, Tenant
 
 
 def register_pairs(engine: Engine, pairs: Iterable[tuple[str, str]]) -> None:

@@ -1,0 +1,1 @@
+"""Bearer-token auth: API keys (models, service, routes) and the principal."""

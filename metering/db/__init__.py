@@ -1,0 +1,1 @@
+"""Relational store: engine and sessions, the table metadata, the Alembic runner."""

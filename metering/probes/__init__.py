@@ -1,0 +1,1 @@
+"""Uptime probes of provider endpoints (the scheduler job)."""

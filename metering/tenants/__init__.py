@@ -1,0 +1,1 @@
+"""Tenants and projects: registration on first sight of their events."""
