@@ -7,7 +7,7 @@ Two phases, each in its own subprocess on its own fresh chDB path in a temp dir 
 allows one data path per process, and a separate process gives each phase its own peak
 RSS):
 
-1. backfill: `metering.simulate.backfill` of `--days` days ending now: events, their ids,
+1. backfill: `metering.simulate.backfill.backfill` of `--days` days ending now: events, their ids,
    probes, and tenant/project registration in SQLite, exactly what the CLI does.
 2. baseline: `INSERT INTO rerank_events SELECT ... FROM numbers(N)` into an identical,
    freshly migrated table: values computed from hashes of the row number with the same
@@ -64,21 +64,19 @@ def _rss_mb() -> float:
 
 
 def phase_backfill(path: Path, events: int, tenants: int, days: float) -> dict[str, Any]:
-    from metering import simulate
     from metering.clickhouse import migrations
     from metering.clickhouse.client import make_client
     from metering.db import migrations as relational_migrations
     from metering.db.engine import make_engine
+    from metering.simulate.backfill import BackfillPlan, backfill
 
     ch = make_client(f"chdb://{path / 'clickhouse'}", "default")
     migrations.migrate(ch)
     engine = make_engine(f"sqlite:///{path / 'metering.db'}")
     relational_migrations.upgrade(engine)
-    plan = simulate.BackfillPlan(
-        days=days, events=events, tenants=tenants, seed=1, end=datetime.now(UTC)
-    )
+    plan = BackfillPlan(days=days, events=events, tenants=tenants, seed=1, end=datetime.now(UTC))
     started = time.perf_counter()
-    report = simulate.backfill(ch, engine, plan)
+    report = backfill(ch, engine, plan)
     seconds = time.perf_counter() - started
     stored = ch.query("SELECT count() FROM rerank_events").result_rows[0][0]
     return {
