@@ -1,0 +1,1 @@
+"""The HTTP server's connection handling: limits and timeouts uvicorn does not enforce."""
