@@ -1,92 +1,303 @@
 """POST /v1/events and POST /v1/probes: the gateway's ingest endpoints.
 
 The body is read raw and decoded by msgspec (see metering.ingest.decode); FastAPI's
-own body parsing is skipped on this path because it is ~3x slower. A 202 is sent only
-after the accepted items are in the spool (and fsync'd when METERING_SPOOL_FSYNC is
-"always"), so it means the items are durable.
+own body parsing is skipped on this path because it is ~3x slower. A small batch that
+is fully valid is decoded on the event loop; a large, compressed or invalid one in a
+small dedicated thread pool, so one hostile body never freezes the loop. Bodies held at
+once (read + decompressed) share a process-wide byte budget
+(METERING_INGEST_BODY_BUDGET_BYTES). A 202 is sent only after the accepted items are in
+the spool (and fsync'd when METERING_SPOOL_FSYNC is "always"), so it means the items are
+durable.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Annotated, Any, Protocol, cast
 
 import msgspec
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
+from starlette.requests import ClientDisconnect
 
-from metering.deps import Ingest, ServicesDep
+from metering.auth.deps import Ingest
+from metering.errors import error_response, error_responses
 from metering.ingest.decode import (
     EVENTS,
+    INLINE_MAX_BYTES,
     PROBES,
     BodyError,
+    Decoded,
     StreamSchema,
     TooLarge,
     decode_batch,
+    decode_fast,
 )
 from metering.ingest.pipeline import StreamPipeline, SubmitResult
 from metering.ingest.spool import SpoolFull, Unavailable
 from metering.ingest.structs import MAX_BATCH_EVENTS, MAX_BODY_BYTES, Event, Probe
+from metering.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["ingest"])
 
+
+class IngestState(Protocol):
+    """What the ingest routes need of the running service (`metering.services.Services`
+    provides it; the routes do not import the composition root)."""
+
+    settings: Settings
+    events: StreamPipeline[Event]
+    probes: StreamPipeline[Probe]
+    ready: bool
+
+
+def _state(request: Request) -> IngestState:
+    return cast(IngestState, request.app.state.services)
+
+
+IngestStateDep = Annotated[IngestState, Depends(_state)]
+
 _encoder = msgspec.json.Encoder()
 RETRY_AFTER_SECONDS = "5"
+BUSY_RETRY_AFTER_SECONDS = "1"
+# How long a request waits for its share of the body budget before answering 503.
+BUDGET_WAIT_SECONDS = 1.0
+DECODE_THREADS = 1  # bodies decoded off the loop at once (more wait their turn)
+GUNZIP_STEP = 1024 * 1024
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up mid-request
+_TOO_LARGE = f"body: must be at most {MAX_BODY_BYTES} bytes (16 MiB)"
+_NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/jsonlines")
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        _encoder.encode({"error": message}),
-        status_code=status,
-        media_type="application/json",
-        headers=headers,
+class BodyBudget:
+    """Bytes of request bodies held at once across the process (read + decompressed).
+
+    64 concurrent 16 MiB bodies once took RSS to 1.6 GB; with a budget a request that
+    cannot get its share waits briefly, then gets 503 with Retry-After. A request alone
+    always gets its share, so a budget below 16 MiB cannot refuse every large body.
+    Thread-safe: the decode threads take the decompressed bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def try_take(self, size: int) -> bool:
+        with self._lock:
+            if self.used and self.used + size > self.limit:
+                return False
+            self.used += size
+            return True
+
+    def give_back(self, size: int) -> None:
+        with self._lock:
+            self.used -= size
+
+    async def take(self, size: int, wait: float) -> bool:
+        deadline = time.monotonic() + wait
+        while not self.try_take(size):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
+
+    def take_blocking(self, size: int, wait: float) -> bool:
+        deadline = time.monotonic() + wait
+        while not self.try_take(size):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+
+class _Busy(Exception):
+    """The body budget is exhausted (503)."""
+
+
+class _Hold:
+    """What one request took from the budget (given back when the request ends)."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget = budget
+        self.size = 0
+        self._lock = threading.Lock()
+
+    async def take(self, size: int) -> bool:
+        if not await self.budget.take(size, BUDGET_WAIT_SECONDS):
+            return False
+        with self._lock:
+            self.size += size
+        return True
+
+    def take_blocking(self, size: int) -> bool:
+        if not self.budget.take_blocking(size, BUDGET_WAIT_SECONDS):
+            return False
+        with self._lock:
+            self.size += size
+        return True
+
+    def release(self) -> None:
+        with self._lock:
+            size, self.size = self.size, 0
+        self.budget.give_back(size)
+
+
+def _budget(request: Request, limit: int) -> BodyBudget:
+    state = request.app.state
+    budget: BodyBudget | None = getattr(state, "ingest_body_budget", None)
+    if budget is None:
+        budget = state.ingest_body_budget = BodyBudget(limit)
+    return budget
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _decode_pool() -> ThreadPoolExecutor:
+    """A small dedicated pool: large bodies never run on the event loop, and at most
+    DECODE_THREADS decode at once (the default pool is shared with sync routes)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="ingest-decode")
+        return _pool
+
+
+def gunzip(data: bytes, take: Any = None) -> bytes:
+    """Decompress a gzip body in steps of GUNZIP_STEP, never past MAX_BODY_BYTES (a
+    bomb is refused after 16 MiB of output). `take(n)` reserves output bytes in the
+    budget; False means 503."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    parts: list[bytes] = []
+    size = 0
+    pending = data
+    try:
+        while not inflater.eof:
+            part = inflater.decompress(pending, GUNZIP_STEP)
+            pending = inflater.unconsumed_tail
+            size += len(part)
+            if size > MAX_BODY_BYTES:
+                raise TooLarge(f"{_TOO_LARGE} once decompressed")
+            if take is not None and part and not take(len(part)):
+                raise _Busy()
+            parts.append(part)
+            if not part and not pending:
+                break
+    except zlib.error as exc:
+        raise BodyError(f"body: not valid gzip ({exc})") from None
+    if not inflater.eof:
+        raise BodyError("body: not valid gzip (the stream is truncated)")
+    if inflater.unused_data.strip(b"\x00"):
+        raise BodyError("body: not valid gzip (data after the compressed stream)")
+    return b"".join(parts)
+
+
+def _busy() -> Response:
+    return error_response(
+        503,
+        "body: too many request bodies in flight; retry after Retry-After",
+        {"Retry-After": BUSY_RETRY_AFTER_SECONDS},
     )
 
 
-async def _read_body(request: Request) -> bytes | Response:
+async def _read_body(request: Request, hold: _Hold) -> bytes | Response:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        return _error(413, f"body: must be at most {MAX_BODY_BYTES} bytes (16 MiB)")
+    expected = int(declared) if declared is not None and declared.isdigit() else None
+    if expected is not None:
+        if expected > MAX_BODY_BYTES:
+            return error_response(413, _TOO_LARGE)
+        if not await hold.take(expected):
+            return _busy()
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            return _error(413, f"body: must be at most {MAX_BODY_BYTES} bytes (16 MiB)")
+            return error_response(413, _TOO_LARGE)
+        if (expected is None or size > expected) and not await hold.take(len(chunk)):
+            return _busy()
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def _ingest(
-    request: Request, pipeline: StreamPipeline[Any], schema: StreamSchema[Any], ready: bool
-) -> Response:
-    body = await _read_body(request)
+def _decode_in_thread(
+    schema: StreamSchema[Any], body: bytes, ndjson: bool, gzipped: bool, hold: _Hold, fast: bool
+) -> Decoded[Any]:
+    if gzipped:
+        body = gunzip(body, hold.take_blocking)
+    return decode_batch(schema, body, ndjson=ndjson, fast=fast, pause=True)
+
+
+async def _decode(
+    request: Request, schema: StreamSchema[Any], hold: _Hold
+) -> Decoded[Any] | Response:
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "x-gzip", ""):
+        return error_response(415, "content-encoding: must be gzip or identity")
+    gzipped = encoding in ("gzip", "x-gzip")
+    ndjson = request.headers.get("content-type", "").split(";")[0].strip() in _NDJSON_TYPES
+    try:
+        body = await _read_body(request, hold)
+    except ClientDisconnect:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     if isinstance(body, Response):
         return body
-    ndjson = request.headers.get("content-type", "").split(";")[0].strip() in (
-        "application/x-ndjson",
-        "application/jsonl",
-        "application/jsonlines",
-    )
     try:
-        decoded = decode_batch(schema, body, ndjson=ndjson)
+        decoded = None
+        if not gzipped and len(body) <= INLINE_MAX_BYTES:
+            # Small batches (the gateway's usual 1,000 events) stay on the loop when
+            # valid: a thread hop would cost more than the decode.
+            decoded = decode_fast(schema, body, ndjson=ndjson)
+        if decoded is None:
+            fast = gzipped or len(body) > INLINE_MAX_BYTES
+            work = partial(_decode_in_thread, schema, body, ndjson, gzipped, hold, fast)
+            decoded = await asyncio.get_running_loop().run_in_executor(_decode_pool(), work)
     except TooLarge as exc:
-        return _error(413, str(exc))
+        return error_response(413, str(exc))
     except BodyError as exc:
-        return _error(400, str(exc))
-    if not ready:
-        return _error(
+        return error_response(400, str(exc))
+    except _Busy:
+        return _busy()
+    return decoded
+
+
+async def _ingest(
+    request: Request,
+    pipeline: StreamPipeline[Any],
+    schema: StreamSchema[Any],
+    services: IngestState,
+) -> Response:
+    hold = _Hold(_budget(request, services.settings.ingest_body_budget_bytes))
+    try:
+        decoded = await _decode(request, schema, hold)
+    finally:
+        hold.release()
+    if isinstance(decoded, Response):
+        return decoded
+    if not services.ready:
+        return error_response(
             503,
-            "starting: the service is applying migrations",
+            "service: starting, applying migrations",
             {"Retry-After": RETRY_AFTER_SECONDS},
         )
     try:
         result: SubmitResult = pipeline.submit(decoded)
         await pipeline.durable(result)
     except SpoolFull as exc:
-        return _error(503, f"cannot store events now: {exc}", {"Retry-After": RETRY_AFTER_SECONDS})
+        return error_response(
+            503, f"spool: cannot store events now: {exc}", {"Retry-After": RETRY_AFTER_SECONDS}
+        )
     except Unavailable as exc:
-        return _error(503, str(exc), {"Retry-After": RETRY_AFTER_SECONDS})
+        return error_response(503, str(exc), {"Retry-After": RETRY_AFTER_SECONDS})
     except OSError as exc:
-        return _error(503, f"cannot spool events: {exc}", {"Retry-After": RETRY_AFTER_SECONDS})
+        return error_response(
+            503, f"spool: cannot spool events: {exc}", {"Retry-After": RETRY_AFTER_SECONDS}
+        )
     payload = {
         "accepted": result.accepted,
         "duplicates": result.duplicates,
@@ -108,6 +319,26 @@ def _request_body(schema: StreamSchema[Any]) -> dict[str, Any]:
     body_schema["properties"][schema.envelope_key]["maxItems"] = MAX_BATCH_EVENTS
     item_schema = components[schema.item_type.__name__]
     return {
+        "parameters": [
+            {
+                "name": "Content-Encoding",
+                "in": "header",
+                "required": False,
+                "description": (
+                    "gzip: the body is gzip-compressed; the 16 MiB limit applies to the"
+                    " decompressed bytes. Other encodings get 415."
+                ),
+                # Content codings are case-insensitive (RFC 9110); x-gzip is gzip's
+                # old name; an empty value means no coding.
+                "schema": {
+                    "type": "string",
+                    "pattern": (
+                        "^([gG][zZ][iI][pP]|[xX]-[gG][zZ][iI][pP]"
+                        "|[iI][dD][eE][nN][tT][iI][tT][yY])?$"
+                    ),
+                },
+            }
+        ],
         "requestBody": {
             "required": True,
             "content": {
@@ -130,50 +361,87 @@ def _inline(node: Any, components: dict[str, Any]) -> Any:
     return node
 
 
-_RESPONSES: dict[int | str, dict[str, Any]] = {
-    202: {
-        "description": "accepted (durable), duplicates and rejected items with reasons",
-        "content": {
-            "application/json": {
-                "example": {
-                    "accepted": 998,
-                    "duplicates": 1,
-                    "rejected": [
-                        {"index": 7, "event_id": "r-7", "errors": ["documents: must be >= 0"]}
-                    ],
-                }
-            }
+_REJECTED_SCHEMA = {
+    "type": "object",
+    "required": ["accepted", "duplicates", "rejected"],
+    "properties": {
+        "accepted": {"type": "integer", "description": "newly stored"},
+        "duplicates": {"type": "integer", "description": "already stored, or repeated"},
+        "rejected": {
+            "type": "array",
+            "description": (
+                "every invalid item with its 0-based index and reasons (at most 20 per"
+                " item; past 1,000 reasons in a batch, the first reason only)"
+            ),
+            "items": {
+                "type": "object",
+                "required": ["index", "errors"],
+                "properties": {
+                    "index": {"type": "integer"},
+                    "errors": {"type": "array", "items": {"type": "string"}, "maxItems": 20},
+                },
+                "additionalProperties": {"type": ["string", "null"]},
+            },
         },
     },
-    400: {"description": "the body is not JSON/NDJSON or lacks the list"},
-    401: {"description": "missing or unknown token"},
-    403: {"description": "the key lacks the ingest scope"},
-    413: {"description": "more than 10,000 items or 16 MiB"},
-    503: {"description": "items can be neither stored nor spooled; retry after Retry-After"},
 }
+
+
+def _responses(id_field: str) -> dict[int | str, dict[str, Any]]:
+    responses: dict[int | str, dict[str, Any]] = {
+        202: {
+            "description": "accepted (durable), duplicates and rejected items with reasons",
+            "content": {
+                "application/json": {
+                    "schema": _REJECTED_SCHEMA,
+                    "example": {
+                        "accepted": 998,
+                        "duplicates": 1,
+                        "rejected": [
+                            {"index": 7, id_field: "r-7", "errors": ["documents: must be >= 0"]}
+                        ],
+                    },
+                }
+            },
+        },
+        **error_responses(400, 401, 403, 413, 415, 503),
+    }
+    responses[400]["description"] = "the body is not JSON/NDJSON (or not gzip), or lacks the list"
+    responses[413]["description"] = (
+        "more than 10,000 items, or more than 16 MiB (decompressed, for a gzip body)"
+    )
+    responses[415]["description"] = "a Content-Encoding other than gzip or identity"
+    responses[503]["description"] = (
+        "items can be neither stored nor spooled, the service is starting, or too many"
+        " request bodies are in flight; retry after Retry-After seconds"
+    )
+    responses[503]["headers"] = {
+        "Retry-After": {"schema": {"type": "integer"}, "description": "seconds to wait"}
+    }
+    return responses
 
 
 @router.post(
     "/events",
     status_code=202,
     openapi_extra=_request_body(EVENTS),
-    responses=_RESPONSES,
+    responses=_responses("event_id"),
     response_class=Response,
     summary="Ingest gateway rerank events (JSON or NDJSON), exactly once",
 )
-async def post_events(request: Request, services: ServicesDep, _: Ingest) -> Response:
+async def post_events(request: Request, services: IngestStateDep, _: Ingest) -> Response:
     pipeline: StreamPipeline[Event] = services.events
-    return await _ingest(request, pipeline, EVENTS, services.ready)
+    return await _ingest(request, pipeline, EVENTS, services)
 
 
 @router.post(
     "/probes",
     status_code=202,
     openapi_extra=_request_body(PROBES),
-    responses=_RESPONSES,
+    responses=_responses("probe_id"),
     response_class=Response,
     summary="Ingest uptime probe results (JSON or NDJSON), exactly once",
 )
-async def post_probes(request: Request, services: ServicesDep, _: Ingest) -> Response:
+async def post_probes(request: Request, services: IngestStateDep, _: Ingest) -> Response:
     pipeline: StreamPipeline[Probe] = services.probes
-    return await _ingest(request, pipeline, PROBES, services.ready)
+    return await _ingest(request, pipeline, PROBES, services)

@@ -19,7 +19,9 @@ import msgspec
 from metering.ingest.structs import (
     ACCOUNT_PATTERN,
     MAX_AGE,
+    MAX_FALLBACKS,
     MAX_FUTURE,
+    MAX_LATENCY_MS,
     MAX_QUERIES,
     MAX_TOKENS,
     PROVIDER_PATTERN,
@@ -30,6 +32,29 @@ from metering.ingest.structs import (
 _ACCOUNT_RE = re.compile(ACCOUNT_PATTERN)
 _PROVIDER_RE = re.compile(PROVIDER_PATTERN)
 _MISSING = object()
+# At most this many reasons are listed per rejected item (the first ones found).
+MAX_ITEM_ERRORS = 20
+LATENCY_RULE = f"must be <= {MAX_LATENCY_MS} (one day)"
+FALLBACKS_RULE = f"fallbacks: at most {MAX_FALLBACKS} per event"
+# RFC 3339 allows a leap second (ss = 60). It is stored as hh:mm:59.999 so the event stays
+# in its own minute, day and month.
+_LEAP = re.compile(r"^(\d{4}-\d\d-\d\d[Tt]\d\d:\d\d):60(?:\.\d+)?([Zz]|[+-]\d\d:\d\d)\Z")
+_datetime = msgspec.json.Decoder(datetime)
+
+
+def leap_second(value: str) -> str | None:
+    """`value` with a leap second (:60) moved to :59.999, or None if it has none."""
+    match = _LEAP.match(value)
+    return f"{match[1]}:59.999{match[2]}" if match else None
+
+
+def parse_timestamp(value: str) -> datetime | None:
+    """An RFC 3339 timestamp (leap seconds included), or None if `value` is not one."""
+    text = leap_second(value) or value
+    try:
+        return _datetime.decode(msgspec.json.encode(text))
+    except msgspec.ValidationError:
+        return None
 
 
 def _is_int(value: Any) -> bool:
@@ -88,15 +113,15 @@ def _check_int(
         errors.append(f"{name}: must be <= {le}")
 
 
-def _check_number(errors: list[str], name: str, value: Any, *, required: bool) -> None:
-    if value is _MISSING or (value is None and not required):
-        if required:
-            errors.append(f"{name}: required")
-        return
-    if not _is_number(value):
+def _check_latency(errors: list[str], name: str, value: Any) -> None:
+    if value is _MISSING:
+        errors.append(f"{name}: required")
+    elif not _is_number(value):
         errors.append(f"{name}: must be a number")
     elif value < 0:
         errors.append(f"{name}: must be >= 0")
+    elif value > MAX_LATENCY_MS:
+        errors.append(f"{name}: {LATENCY_RULE}")
 
 
 def _check_timestamp(errors: list[str], value: Any) -> None:
@@ -106,9 +131,8 @@ def _check_timestamp(errors: list[str], value: Any) -> None:
     if not isinstance(value, str):
         errors.append("timestamp: must be an RFC 3339 string with a UTC offset")
         return
-    try:
-        parsed = msgspec.json.decode(msgspec.json.encode(value), type=datetime)
-    except msgspec.ValidationError:
+    parsed = parse_timestamp(value)
+    if parsed is None:
         errors.append("timestamp: must be an RFC 3339 timestamp, e.g. 2026-11-27T10:00:00Z")
         return
     if parsed.tzinfo is None:
@@ -233,7 +257,7 @@ def _check_fallback(errors: list[str], prefix: str, item: Any) -> None:
         pattern=_PROVIDER_RE,
         charset="[a-z0-9_-]",
     )
-    _check_number(errors, f"{prefix}.latency_ms", g("latency_ms", _MISSING), required=True)
+    _check_latency(errors, f"{prefix}.latency_ms", g("latency_ms", _MISSING))
     _check_str(errors, f"{prefix}.model", g("model", _MISSING), required=False, max_len=128)
     _check_str(errors, f"{prefix}.region", g("region", _MISSING), required=False, max_len=64)
     _check_str(
@@ -245,7 +269,8 @@ def _check_fallback(errors: list[str], prefix: str, item: Any) -> None:
 
 
 def explain_event(item: Any) -> list[str]:
-    """Every contract rule the raw (JSON-decoded) event breaks."""
+    """Every contract rule the raw (JSON-decoded) event breaks (the first
+    MAX_ITEM_ERRORS of them)."""
     if not isinstance(item, dict):
         return ["event: must be a JSON object"]
     errors: list[str] = []
@@ -298,15 +323,19 @@ def explain_event(item: Any) -> list[str]:
             errors.append(f"{name}: must be an integer")
             continue
         _check_int(errors, name, value, required=required, ge=ge, le=le)
-    _check_number(errors, "latency_ms", g("latency_ms", _MISSING), required=True)
+    _check_latency(errors, "latency_ms", g("latency_ms", _MISSING))
     fallbacks = g("fallbacks", _MISSING)
     if fallbacks is not _MISSING:
         if not isinstance(fallbacks, list):
             errors.append("fallbacks: must be a list")
         else:
-            for i, fb in enumerate(fallbacks):
+            # decode.py hands over at most MAX_FALLBACKS + 1 attempts (enough to tell
+            # that there are too many); only the first MAX_FALLBACKS are explained.
+            if len(fallbacks) > MAX_FALLBACKS:
+                errors.append(FALLBACKS_RULE)
+            for i, fb in enumerate(fallbacks[:MAX_FALLBACKS]):
                 _check_fallback(errors, f"fallbacks[{i}]", fb)
-    return errors
+    return errors[:MAX_ITEM_ERRORS]
 
 
 def explain_probe(item: Any) -> list[str]:
@@ -337,7 +366,7 @@ def explain_probe(item: Any) -> list[str]:
         errors.append("ok: required")
     elif not isinstance(ok, bool):
         errors.append("ok: must be true or false")
-    _check_number(errors, "latency_ms", g("latency_ms", _MISSING), required=True)
+    _check_latency(errors, "latency_ms", g("latency_ms", _MISSING))
     _check_int(errors, "http_status", g("http_status", _MISSING), required=False, ge=100, le=599)
     _check_str(errors, "error", g("error", _MISSING), required=False, max_len=1024)
-    return errors
+    return errors[:MAX_ITEM_ERRORS]

@@ -1,7 +1,10 @@
 """ClickHouse statements of the ingest path, per stream (events, probes).
 
 Values are always bound as server-side parameters; table and column names come only
-from the constants below.
+from the constants below. Rows are inserted with an explicit column list, the fields of
+the stream's Struct: a valid batch goes to ClickHouse as the gateway sent it, and any
+other key in it (`ingested_at`, a server-side column, or anything unknown) is skipped by
+ClickHouse instead of being stored.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 from clickhouse_connect.driver.client import Client
+
+from metering.ingest.structs import Event, Probe
 
 IDS_TABLE = "ingested_ids"
 _ids_encoder = msgspec.json.Encoder()
@@ -37,6 +42,8 @@ class StreamTable:
     id_column: str
     # Which of {ids} are already in the main table; the rows' time range bounds the scan.
     existing_in_table: str
+    # The columns a client may set: the stream's Struct fields, nothing else.
+    columns: tuple[str, ...]
 
 
 EVENTS_TABLE = StreamTable(
@@ -45,6 +52,7 @@ EVENTS_TABLE = StreamTable(
     "event_id",
     "SELECT event_id FROM rerank_events"
     " WHERE toDate(timestamp) IN {days:Array(Date)} AND event_id IN {ids:Array(String)}",
+    Event.__struct_fields__,
 )
 PROBES_TABLE = StreamTable(
     "probes",
@@ -52,6 +60,7 @@ PROBES_TABLE = StreamTable(
     "probe_id",
     "SELECT probe_id FROM uptime_probes"
     " WHERE toDate(timestamp) IN {days:Array(Date)} AND probe_id IN {ids:Array(String)}",
+    Probe.__struct_fields__,
 )
 
 
@@ -103,7 +112,11 @@ class IngestStore:
     def insert_rows(self, ndjson: bytes, settings: dict[str, Any] | None = None) -> None:
         if ndjson:
             self.client.raw_insert(
-                self.table.table, None, ndjson, fmt="JSONEachRow", settings=settings
+                self.table.table,
+                self.table.columns,
+                ndjson,
+                fmt="JSONEachRow",
+                settings=settings,
             )
 
     def insert_ids(self, ids: list[str]) -> None:

@@ -16,6 +16,8 @@ MAX_BATCH_EVENTS = 10_000
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_FUTURE = timedelta(minutes=5)
 MAX_AGE = timedelta(days=400)
+MAX_FALLBACKS = 16  # contract v1.1: at most 16 failed attempts per event
+MAX_LATENCY_MS = 86_400_000  # one day: larger values are clock or unit errors
 
 ACCOUNT_PATTERN = r"^[A-Za-z0-9_.:-]+\Z"  # \Z, not $: "$" also matches before a final newline
 PROVIDER_PATTERN = r"^[a-z0-9_-]+\Z"
@@ -25,7 +27,7 @@ PROVIDER_PATTERN = r"^[a-z0-9_-]+\Z"
 AccountId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 ProviderName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
-NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+LatencyMs = Annotated[float, msgspec.Meta(ge=0, le=MAX_LATENCY_MS)]
 # Storage bounds the contract leaves open: token counts fit sums over years of events in
 # ClickHouse's UInt64, queries fit UInt32.
 MAX_TOKENS = 10**12
@@ -39,7 +41,7 @@ class Fallback(msgspec.Struct, gc=False):
     """A failed attempt before the provider that finally served (or last failed)."""
 
     provider: ProviderName
-    latency_ms: NonNegFloat
+    latency_ms: LatencyMs
     model: Annotated[str, msgspec.Meta(max_length=128)] | None = None
     region: Short | None = None
     error_type: Short | None = None
@@ -58,14 +60,16 @@ class Event(msgspec.Struct, gc=False):
     status: Literal["ok", "error"]
     documents: Annotated[int, msgspec.Meta(ge=0, le=100_000)]
     input_tokens: Tokens
-    latency_ms: NonNegFloat
+    latency_ms: LatencyMs
     api_key_id: Short | None = None
     region: Short = "global"
     http_status: HttpStatus | None = None
     error_type: Short | None = None
     queries: Annotated[int, msgspec.Meta(ge=1, le=MAX_QUERIES)] = 1
     output_tokens: Tokens = 0
-    fallbacks: tuple[Fallback, ...] = ()
+    # max_length is checked after the list is built: decode.py counts the attempts of a
+    # large item before decoding it, so an event with millions of them costs a scan only.
+    fallbacks: Annotated[tuple[Fallback, ...], msgspec.Meta(max_length=MAX_FALLBACKS)] = ()
 
 
 class Probe(msgspec.Struct, gc=False):
@@ -75,7 +79,7 @@ class Probe(msgspec.Struct, gc=False):
     timestamp: AwareDatetime
     provider: ProviderName
     ok: bool
-    latency_ms: NonNegFloat
+    latency_ms: LatencyMs
     region: Short = "global"
     http_status: HttpStatus | None = None
     error: Annotated[str, msgspec.Meta(max_length=1024)] | None = None

@@ -71,7 +71,19 @@ EVENT_RULES: list[tuple[str, Any, list[str]]] = [
     ("latency_ms", -0.5, ["latency_ms: must be >= 0"]),
     ("latency_ms", "fast", ["latency_ms: must be a number"]),
     ("latency_ms", MISSING, ["latency_ms: required"]),
+    ("latency_ms", 86_400_000.5, ["latency_ms: must be <= 86400000 (one day)"]),
+    ("latency_ms", 1.79e308, ["latency_ms: must be <= 86400000 (one day)"]),
     ("fallbacks", "cohere", ["fallbacks: must be a list"]),
+    (
+        "fallbacks",
+        [{"provider": "azure", "latency_ms": 3}] * 17,
+        ["fallbacks: at most 16 per event"],
+    ),
+    (
+        "fallbacks",
+        [{"provider": "azure", "latency_ms": 86_400_001}],
+        ["fallbacks[0].latency_ms: must be <= 86400000 (one day)"],
+    ),
     ("fallbacks", [{"latency_ms": 3}], ["fallbacks[0].provider: required"]),
     (
         "fallbacks",
@@ -274,6 +286,7 @@ PROBE_RULES: list[tuple[str, Any, list[str]]] = [
     ("ok", MISSING, ["ok: required"]),
     ("ok", "yes", ["ok: must be true or false"]),
     ("latency_ms", -1, ["latency_ms: must be >= 0"]),
+    ("latency_ms", 1e12, ["latency_ms: must be <= 86400000 (one day)"]),
     ("http_status", 700, ["http_status: must be <= 599"]),
     ("region", "r" * 65, ["region: must be at most 64 characters"]),
     ("error", "e" * 1025, ["error: must be at most 1024 characters"]),
@@ -384,3 +397,116 @@ def test_unusual_envelopes_store_exactly_the_validated_items(
     assert services.events.wait_stored(timeout=20)
     ids = services.ch.query("SELECT event_id FROM rerank_events ORDER BY event_id").result_rows
     assert ids == [("evt-e1",), ("evt-e2",)]
+
+
+@pytest.mark.parametrize("ndjson", [False, True])
+def test_keys_outside_the_schema_never_reach_storage(
+    client: TestClient, admin_headers: dict[str, str], services: Services, ndjson: bool
+) -> None:
+    """A fully valid batch is stored from the gateway's bytes: a server-side column in
+    them (ingested_at) must still be set by the server."""
+    events = [event(i, ingested_at="2030-01-01T00:00:00Z") for i in range(3)]
+    if ndjson:
+        body = b"\n".join(json.dumps(e).encode() for e in events)
+        response = post(client, admin_headers, "/v1/events", body, "application/x-ndjson")
+    else:
+        response = post(client, admin_headers, "/v1/events", {"events": events})
+    assert response.json() == {"accepted": 3, "duplicates": 0, "rejected": []}
+    stored_count(services)
+    rows = services.ch.query("SELECT max(ingested_at), min(ingested_at) FROM rerank_events")
+    latest, earliest = rows.result_rows[0]
+    now = datetime.now(UTC).replace(tzinfo=None)
+    assert earliest > now - timedelta(hours=1) and latest < now + timedelta(minutes=5)
+
+
+def test_probe_keys_outside_the_schema_never_reach_storage(
+    client: TestClient, admin_headers: dict[str, str], services: Services
+) -> None:
+    probes = [probe(i, ingested_at="2030-01-01T00:00:00Z") for i in range(2)]
+    response = post(client, admin_headers, "/v1/probes", {"probes": probes})
+    assert response.json() == {"accepted": 2, "duplicates": 0, "rejected": []}
+    stored_count(services, "uptime_probes")
+    [(latest,)] = services.ch.query("SELECT max(ingested_at) FROM uptime_probes").result_rows
+    assert latest < datetime.now(UTC).replace(tzinfo=None) + timedelta(minutes=5)
+
+
+@pytest.mark.parametrize("ndjson", [False, True])
+def test_leap_second_is_stored_in_its_own_minute(
+    client: TestClient, admin_headers: dict[str, str], services: Services, ndjson: bool
+) -> None:
+    day = (datetime.now(UTC) - timedelta(days=3)).date()
+    events = [event("leap", timestamp=f"{day}T23:59:60Z"), event("plain")]
+    if ndjson:
+        body = b"\n".join(json.dumps(e).encode() for e in events)
+        response = post(client, admin_headers, "/v1/events", body, "application/x-ndjson")
+    else:
+        response = post(client, admin_headers, "/v1/events", {"events": events})
+    assert response.json() == {"accepted": 2, "duplicates": 0, "rejected": []}
+    stored_count(services)
+    rows = services.ch.query(
+        "SELECT timestamp FROM rerank_events WHERE event_id = 'evt-leap'"
+    ).result_rows
+    assert rows == [(datetime(day.year, day.month, day.day, 23, 59, 59, 999_000),)]
+
+
+@pytest.mark.parametrize("ndjson", [False, True])
+def test_invalid_utf8_in_a_string_is_a_rejection_not_a_500(
+    client: TestClient, admin_headers: dict[str, str], services: Services, ndjson: bool
+) -> None:
+    good = json.dumps(event("good")).encode()
+    bad = json.dumps(event("bad")).encode().replace(b"rerank-4-pro", b"rerank-\xff\xfe")
+    if ndjson:
+        response = post(
+            client, admin_headers, "/v1/events", good + b"\n" + bad, "application/x-ndjson"
+        )
+    else:
+        response = post(
+            client, admin_headers, "/v1/events", b'{"events": [' + good + b"," + bad + b"]}"
+        )
+    assert response.status_code == 202, response.text
+    assert response.json()["rejected"] == [
+        {"index": 1, "event_id": None, "errors": ["event: not valid UTF-8 inside a string"]}
+    ]
+    assert stored_count(services) == (1, 1)
+
+
+def test_json_nested_1000_deep_is_400(client: TestClient, admin_headers: dict[str, str]) -> None:
+    deep = b"[" * 1000 + b"]" * 1000
+    response = post(client, admin_headers, "/v1/events", b'{"events": ' + deep + b"}")
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "body: JSON nested too deeply (at most 1000 levels)"
+    ndjson = json.dumps(event("ok")).encode() + b'\n{"a": ' + deep + b"}"
+    response = post(client, admin_headers, "/v1/events", ndjson, "application/x-ndjson")
+    assert response.status_code == 202, response.text
+    assert response.json()["rejected"] == [
+        {
+            "index": 1,
+            "event_id": None,
+            "errors": ["event: JSON nested too deeply (at most 1000 levels)"],
+        }
+    ]
+
+
+def test_worst_case_bodies_get_their_rule(
+    client: TestClient, admin_headers: dict[str, str], services: Services
+) -> None:
+    """Hundreds of thousands of `{}` fallbacks: one bounded rejection, the valid event
+    stored; millions: 413 at once; 16 MiB of NDJSON garbage: 413 naming the rule."""
+    ok = json.dumps(event("ok")).encode()
+    many = json.dumps(event("many")).encode()[:-1] + b', "fallbacks": ['
+    body = b'{"events": [' + ok + b"," + many + b",".join([b"{}"] * 300_000) + b"]}]}"
+    response = post(client, admin_headers, "/v1/events", body)
+    assert response.status_code == 202, response.text
+    [rejected] = response.json()["rejected"]
+    assert rejected["index"] == 1 and rejected["event_id"] == "evt-many"
+    assert rejected["errors"][0] == "fallbacks: at most 16 per event"
+    assert len(rejected["errors"]) == 20
+    assert stored_count(services) == (1, 1)
+    body = b'{"events": [' + ok + b"," + many + b",".join([b"{}"] * 4_000_000) + b"]}]}"
+    response = post(client, admin_headers, "/v1/events", body)
+    assert response.status_code == 413
+    assert response.json()["error"].startswith('body: at most 340000 "{" per request')
+    garbage = b"\x01garbage}\n" * (16 * 1024 * 1024 // 10)
+    response = post(client, admin_headers, "/v1/events", garbage, "application/x-ndjson")
+    assert response.status_code == 413
+    assert response.json()["errors"] == ["events: at most 10000 per request"]

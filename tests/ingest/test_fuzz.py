@@ -3,6 +3,7 @@ response always accounts for every item (accepted + duplicates + rejected = sent
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from typing import Any
@@ -131,3 +132,49 @@ def test_arbitrary_bodies_never_fail(
         "/v1/events", content=body, headers={**admin_headers, "content-type": content_type}
     )
     assert response.status_code in (202, 400), response.text
+
+
+hostile_fragments = st.sampled_from(
+    [b"\xff", b"\xc3(", b"\xed\xa0\x80", b"[" * 1200, b"{}," * 40, b"\x00", b'"\\ud800"']
+)
+
+
+@FUZZ
+@given(
+    cut=st.integers(min_value=0, max_value=400),
+    fragment=hostile_fragments,
+    ndjson=st.booleans(),
+    gzipped=st.booleans(),
+)
+def test_hostile_bytes_anywhere_never_fail(
+    client: TestClient,
+    admin_headers: dict[str, str],
+    cut: int,
+    fragment: bytes,
+    ndjson: bool,
+    gzipped: bool,
+) -> None:
+    """Invalid UTF-8, deep nesting or stray values spliced into a valid body: a 202
+    listing each rejected item once with its reasons, or a 400/413 in the error shape;
+    never a 5xx."""
+    items = [event("a"), event("b"), event("c")]
+    if ndjson:
+        body = b"\n".join(_dumps(item) for item in items)
+        content_type = "application/x-ndjson"
+    else:
+        body = _dumps({"events": items})
+        content_type = "application/json"
+    cut = min(cut, len(body))
+    body = body[:cut] + fragment + body[cut:]
+    headers = {**admin_headers, "content-type": content_type}
+    if gzipped:
+        body = gzip.compress(body)
+        headers["content-encoding"] = "gzip"
+    response = client.post("/v1/events", content=body, headers=headers)
+    assert response.status_code in (202, 400, 413), response.text
+    if response.status_code == 202:
+        indices = [r["index"] for r in response.json()["rejected"]]
+        assert indices == sorted(set(indices))
+        assert all(r["errors"] for r in response.json()["rejected"])
+    else:
+        assert set(response.json()) == {"error", "errors"}
