@@ -15,10 +15,17 @@ One run does, in order:
    (/proc/PID/status) and CPU, and polls /metrics for rows stored in ClickHouse;
 4. waits until the writer has stored every row, stops the server (SIGTERM), and counts
    `rerank_events` and `ingested_ids` in a subprocess: both must equal N;
-5. measures the engine ceiling in a subprocess on its own chDB path: the same NDJSON
-   rows (rebuilt from the same seed, checked by digest) into a fresh, identical
-   `rerank_events` via clickhouse-connect `raw_insert(..., fmt="JSONEachRow")` in large
-   chunks;
+5. measures the engine ceiling in a subprocess on its own chDB path, three ways, each
+   with the same NDJSON rows (rebuilt from the same seed, checked by digest) in the same
+   large chunks into a fresh, identical `rerank_events`:
+   - the client path: `raw_insert(..., fmt="JSONEachRow")` through the service's own
+     client (metering.clickhouse.client: the payload streams into chDB, no temp file),
+     the path the writer takes;
+   - the stock driver: clickhouse-connect's chDB backend as shipped, which writes each
+     payload to a temporary file first and inserts it `FROM INFILE` (what the writer
+     did before; the difference is what that extra write costs);
+   - the engine's own insert: `INSERT INTO ... FROM INFILE 'chunk.json' FORMAT
+     JSONEachRow`, one statement per chunk, the files written before the clock starts;
 6. prints a table and, with --results, appends it to bench/RESULTS.md.
 
 The server is the only store owner: chDB allows one data path per process and one
@@ -304,9 +311,13 @@ def count_stored(clickhouse_path: Path) -> dict[str, int]:
 
 
 def engine_worker(args: argparse.Namespace) -> int:
-    """(subprocess) raw_insert the run's rows into a fresh rerank_events; print JSON."""
+    """(subprocess) insert the run's rows into a fresh rerank_events three ways (the
+    client path, the stock driver, the engine's own INFILE insert); print JSON."""
+    import clickhouse_connect
+
     from metering.clickhouse import migrations
-    from metering.clickhouse.client import make_client
+    from metering.clickhouse.client import QUERY_SETTINGS, make_client
+    from metering.ingest.store import EVENTS_TABLE
 
     lines = loadgen.build_lines(
         args.events, seed=args.seed, run_id=args.run_id, base_epoch=args.base_epoch
@@ -317,25 +328,51 @@ def engine_worker(args: argparse.Namespace) -> int:
         return 1
     path = Path(args.engine_path)
     client = make_client(f"chdb://{path}", "default")
+    stock = clickhouse_connect.get_client(dsn=f"chdb://{path}", settings=QUERY_SETTINGS)
     migrations.migrate(client)
     version = client.query("SELECT version()").result_rows[0][0]
-    rows_seconds = ids_seconds = 0.0
+    columns = EVENTS_TABLE.columns  # as the writer inserts them
+    column_list = ", ".join(columns)
     chunk = args.engine_chunk
+    chunk_files: list[Path] = []
+    for number, start in enumerate(range(0, len(lines), chunk)):
+        chunk_file = path.parent / f"engine-chunk-{number}.json"
+        chunk_file.write_bytes(loadgen.ndjson(lines[start : start + chunk]))
+        chunk_files.append(chunk_file)
+
+    def rows_path(name: str) -> float:
+        client.command("TRUNCATE TABLE rerank_events")
+        seconds = 0.0
+        for chunk_file in chunk_files:
+            payload = chunk_file.read_bytes() if name != "engine" else b""
+            began = time.perf_counter()
+            if name == "client":
+                client.raw_insert("rerank_events", columns, payload, fmt="JSONEachRow")
+            elif name == "stock":
+                stock.raw_insert("rerank_events", columns, payload, fmt="JSONEachRow")
+            else:
+                client.command(
+                    f"INSERT INTO rerank_events ({column_list}) FROM INFILE '{chunk_file}'"
+                    " FORMAT JSONEachRow"
+                )
+            seconds += time.perf_counter() - began
+        return seconds
+
+    # Stock and engine first, the client path last: it leaves the rows for the count.
+    stock_seconds = rows_path("stock")
+    engine_seconds = rows_path("engine")
+    rows_seconds = rows_path("client")
+    ids_seconds = 0.0
     for start in range(0, len(lines), chunk):
-        part = lines[start : start + chunk]
-        payload = loadgen.ndjson(part)
-        ids = [f"evt_{args.run_id}_{n:09d}" for n in range(start, start + len(part))]
+        ids = [f"evt_{args.run_id}_{n:09d}" for n in range(start, min(start + chunk, len(lines)))]
         began = time.perf_counter()
-        client.raw_insert("rerank_events", None, payload, fmt="JSONEachRow")
-        middle = time.perf_counter()
         client.insert(
             "ingested_ids",
             [["events"] * len(ids), ids],
             column_names=["stream", "id"],
             column_oriented=True,
         )
-        rows_seconds += middle - began
-        ids_seconds += time.perf_counter() - middle
+        ids_seconds += time.perf_counter() - began
     stored = client.query("SELECT count(), uniqExact(event_id) FROM rerank_events").result_rows[0]
     print(
         json.dumps(
@@ -343,6 +380,8 @@ def engine_worker(args: argparse.Namespace) -> int:
                 "rows": stored[0],
                 "distinct": stored[1],
                 "rows_seconds": rows_seconds,
+                "stock_seconds": stock_seconds,
+                "engine_seconds": engine_seconds,
                 "ids_seconds": ids_seconds,
                 "clickhouse_version": version,
             }
@@ -691,6 +730,8 @@ def run(args: argparse.Namespace, work: Path, argv: list[str] | None) -> int:
     server_cores = (cpu_after - cpu_before) / result.seconds
     own_cpu = (own_after.user + own_after.system) - (own_before.user + own_before.system)
     engine_rate = engine["rows"] / engine["rows_seconds"] if engine else float("nan")
+    stock_rate = engine["rows"] / engine["stock_seconds"] if engine else float("nan")
+    own_rate = engine["rows"] / engine["engine_seconds"] if engine else float("nan")
     engine_ids_rate = (
         engine["rows"] / (engine["rows_seconds"] + engine["ids_seconds"])
         if engine
@@ -700,6 +741,7 @@ def run(args: argparse.Namespace, work: Path, argv: list[str] | None) -> int:
         0.0, (busy_after - busy_before - (cpu_after - cpu_before) - own_cpu) / result.seconds
     )
     ratio = http_rate / engine_rate if engine else float("nan")
+    own_ratio = http_rate / own_rate if engine else float("nan")
     by_thread = sorted(
         (
             (after - threads_before.get(name, 0.0), name)
@@ -735,12 +777,28 @@ def run(args: argparse.Namespace, work: Path, argv: list[str] | None) -> int:
         ),
         ("events/s until all stored in ClickHouse", f"{stored_rate:,.0f}"),
         (
-            "**events/s engine ceiling** (raw_insert JSONEachRow, "
-            f"{args.engine_chunk:,}-row chunks)",
+            "**events/s client-path ceiling** (the writer's raw_insert JSONEachRow, "
+            f"streamed into chDB, {args.engine_chunk:,}-row chunks)",
             f"**{engine_rate:,.0f}**",
         ),
-        ("engine incl. `ingested_ids` insert", f"{engine_ids_rate:,.0f}"),
-        ("**ratio HTTP / engine**", f"**{ratio:.2f}**"),
+        (
+            "events/s stock driver (clickhouse-connect chDB: temp file, then INFILE)",
+            f"{stock_rate:,.0f}",
+        ),
+        (
+            "**events/s engine's own insert** (INSERT ... FROM INFILE, same chunks)",
+            f"**{own_rate:,.0f}**",
+        ),
+        (
+            "insert time per 1M rows: client path / stock driver / engine's own",
+            " / ".join(
+                f"{1e6 * engine[k] / engine['rows']:.2f} s" if engine else "n/a"
+                for k in ("rows_seconds", "stock_seconds", "engine_seconds")
+            ),
+        ),
+        ("client path incl. `ingested_ids` insert", f"{engine_ids_rate:,.0f}"),
+        ("**ratio HTTP / client-path ceiling**", f"**{ratio:.2f}**"),
+        ("**ratio HTTP / engine's own insert**", f"**{own_ratio:.2f}**"),
         (
             "**server peak RSS** (VmHWM; sampled VmRSS peak)",
             f"**{hwm_kib / 1024:,.0f} MiB**; {sampler.peak_rss_kib / 1024:,.0f} MiB",
@@ -774,7 +832,8 @@ def run(args: argparse.Namespace, work: Path, argv: list[str] | None) -> int:
     ]
     targets = [
         ("≥ 150,000 events/s end to end", http_rate >= 150_000),
-        ("≥ 0.35 of the engine ceiling", ratio >= 0.35),
+        ("≥ 0.37 of the client-path ceiling (the figure before)", ratio >= 0.37),
+        ("≥ 0.35 of the engine's own insert (goal)", own_ratio >= 0.35),
         ("server RSS < 1.5 GB", hwm_kib * 1024 < 1.5e9),
     ]
     table = "| figure | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in figures)

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from itertools import compress
 from operator import attrgetter
 from pathlib import Path
@@ -54,6 +55,9 @@ KeysCallback = Callable[[set[tuple[str, str]]], None]
 class _Meta(msgspec.Struct, array_like=True):
     ids: list[str]
     keys: list[tuple[str, str]] = []
+    # The record's number in this process (submit order); records whose write failed
+    # leave gaps, so the writer must not count records to know which keys it stored.
+    seq: int = -1
 
 
 _meta_encoder = msgspec.msgpack.Encoder()
@@ -81,18 +85,20 @@ class StreamPipeline(Generic[T]):
     def __init__(
         self,
         schema: StreamSchema[T],
-        store: IngestStore,
         spool_dir: Path,
         *,
         max_spool_bytes: int,
         fsync: bool,
         on_keys: KeysCallback | None = None,
         key_of: Callable[[T], tuple[str, str]] | None = None,
+        store: IngestStore | None = None,
     ) -> None:
         self.schema = schema
-        self.store = store
+        # The ClickHouse side may come later (`start(store)`): the spool opens without
+        # it, so a process whose ClickHouse is not reachable yet still starts.
+        self._ingest_store = store
         self.spool = Spool(spool_dir, max_bytes=max_spool_bytes, fsync=fsync)
-        self.gate = DedupGate(self._lookup, store.id_hashes)
+        self.gate = DedupGate(self._lookup, lambda: self.store.id_hashes())
         self._on_keys = on_keys
         self._key_of = key_of
         self._id_of = attrgetter(schema.id_field)
@@ -100,19 +106,32 @@ class StreamPipeline(Generic[T]):
         self._unregistered: set[tuple[str, str]] = set()
         self._appended_seq = -1
         self._stored_seq = -1
-        self._next_read_seq = 0
         self._read_pos = self.spool.checkpoint
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._stored_cond = threading.Condition()
+        self._lost: set[int] = set()  # seqs whose spool write failed (never acknowledged)
         self._last_ticket: Ticket | None = None
         self.last_error: str | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Replay the spool tail, rebuild the gate, start the writer thread."""
+    @property
+    def store(self) -> IngestStore:
+        if self._ingest_store is None:
+            raise Unavailable(f"{self.schema.name}: not connected to ClickHouse yet")
+        return self._ingest_store
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self, store: IngestStore | None = None) -> None:
+        """Replay the spool tail, rebuild the gate, start the writer thread. If this
+        raises (ClickHouse went away), calling it again resumes the replay."""
+        if store is not None:
+            self._ingest_store = store
         self.replay()
         self.gate.rebuild(self.store.count_ids())
         self._thread = threading.Thread(
@@ -121,11 +140,12 @@ class StreamPipeline(Generic[T]):
         self._thread.start()
 
     def stop(self, drain_timeout: float = 30.0) -> None:
-        """Drain what is spooled (up to `drain_timeout`), then stop the writer."""
+        """Drain what is spooled (up to `drain_timeout`), then stop the writer and close
+        the spool (a pipeline that never started only closes its spool)."""
         deadline = time.monotonic() + drain_timeout
         while (
-            self._stored_seq < self._appended_seq
-            and self.spool.broken is None
+            self._thread is not None
+            and self._stored_seq < self._appended_seq
             and time.monotonic() < deadline
         ):
             self._wake.set()
@@ -147,7 +167,9 @@ class StreamPipeline(Generic[T]):
                 return replayed
             self._store(records, check=True)
             self._read_pos = records[-1].end
-            replayed += sum(r.count for r in records)
+            count = sum(r.count for r in records)
+            metrics.SPOOL_REPLAYED.labels(self.schema.name).inc(count)
+            replayed += count
 
     # -- request path -------------------------------------------------------------------
 
@@ -168,7 +190,8 @@ class StreamPipeline(Generic[T]):
                 keys: list[tuple[str, str]] = []
                 if self._key_of is not None:
                     keys = list(set(map(self._key_of, accepted)))
-                meta = _meta_encoder.encode(_Meta(accepted_ids, keys))
+                seq = self._appended_seq + 1
+                meta = _meta_encoder.encode(_Meta(accepted_ids, keys, seq))
                 # The rows as a JSON array: the gateway's own bytes when the whole batch
                 # is valid and new (no re-encoding), otherwise the accepted items.
                 if accepted is items and decoded.raw is not None:
@@ -177,7 +200,6 @@ class StreamPipeline(Generic[T]):
                     data = _rows_encoder.encode(accepted)
                 ticket = self.spool.enqueue(meta, data, len(accepted))
                 self._last_ticket = ticket
-                seq = self._appended_seq + 1
                 self.gate.mark_pending(seq, accepted_ids)
                 self._appended_seq = seq
             elif (
@@ -188,6 +210,8 @@ class StreamPipeline(Generic[T]):
                 # Duplicates may name keys whose record is still being written: answer
                 # only once everything enqueued before is on disk (or fail with it).
                 ticket = self._last_ticket
+        if seq >= 0 and ticket is not None:
+            ticket.add_done_callback(partial(self._written, seq))
         metrics.INGEST_ITEMS.labels(self.schema.name, "accepted").inc(len(accepted))
         metrics.INGEST_ITEMS.labels(self.schema.name, "duplicate").inc(len(items) - len(accepted))
         metrics.INGEST_ITEMS.labels(self.schema.name, "rejected").inc(len(decoded.rejected))
@@ -222,9 +246,34 @@ class StreamPipeline(Generic[T]):
         try:
             wait()
         except OSError:
-            # Never acknowledged: the keys may be admitted again by a retry.
+            # Never acknowledged: the keys may be admitted again by a retry (`_written`
+            # released them already; releasing twice is harmless).
             self.gate.release(result.seq)
             raise
+
+    def _written(self, seq: int, ticket: Ticket) -> None:
+        """The spool write of record `seq` ended. If it failed, its keys leave the gate
+        and the record counts as settled, so barriers and `stop` do not wait for it."""
+        if ticket.error is None:
+            return
+        self.gate.release(seq)
+        with self.gate.lock:
+            # Batches of duplicates admitted from now on were judged without these keys:
+            # they need not fail with this write.
+            if self._last_ticket is ticket:
+                self._last_ticket = None
+        with self._stored_cond:
+            self._lost.add(seq)
+            self._advance_stored(self._stored_seq)
+
+    def _advance_stored(self, stored_seq: int) -> None:
+        """Everything up to `stored_seq` is stored; skip lost seqs that follow.
+        Caller holds `_stored_cond`."""
+        while stored_seq + 1 in self._lost:
+            stored_seq += 1
+        self._lost = {seq for seq in self._lost if seq > stored_seq}
+        self._stored_seq = stored_seq
+        self._stored_cond.notify_all()
 
     # -- read barrier -------------------------------------------------------------------
 
@@ -282,7 +331,7 @@ class StreamPipeline(Generic[T]):
                 self._wake.clear()
                 continue
             try:
-                self._store(records, check=check)
+                last_seq = self._store(records, check=check)
             except Exception as exc:
                 metrics.STORE_FAILURES.labels(self.schema.name).inc()
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -300,22 +349,22 @@ class StreamPipeline(Generic[T]):
             backoff = 0.1
             self.last_error = None
             self._read_pos = records[-1].end
-            last_seq = self._next_read_seq + len(records) - 1
-            self._next_read_seq = last_seq + 1
             self.gate.stored(last_seq)
             with self._stored_cond:
-                self._stored_seq = last_seq
-                self._stored_cond.notify_all()
+                self._advance_stored(max(last_seq, self._stored_seq))
             metrics.SPOOL_BYTES.labels(self.schema.name).set(self.spool.pending_bytes)
 
-    def _store(self, records: list[Record], *, check: bool) -> None:
+    def _store(self, records: list[Record], *, check: bool) -> int:
+        """Store the records exactly once; return the last one's seq."""
         started = time.perf_counter()
         ids: list[str] = []
         keys: set[tuple[str, str]] = set()
+        last_seq = -1
         for record in records:
             meta = _meta_decoder.decode(record.meta)
             ids.extend(meta.ids)
             keys.update(meta.keys)
+            last_seq = meta.seq
         if check:
             payload = self._canonical_unstored_rows(records)
         else:
@@ -328,6 +377,7 @@ class StreamPipeline(Generic[T]):
         self.spool.commit(records[-1].end, sum(record.size for record in records))
         metrics.STORED_ROWS.labels(self.schema.name).inc(len(ids))
         metrics.STORE_SECONDS.labels(self.schema.name).observe(time.perf_counter() - started)
+        return last_seq
 
     def _canonical_unstored_rows(self, records: list[Record]) -> bytes:
         """After a crash or a failed insert: the rows ClickHouse does not have yet,

@@ -13,10 +13,17 @@ Record layout (little endian):
 `meta` is msgpack (ids, and for events the distinct (tenant, project) pairs), `data` is
 the rows as one JSON array, ready for `INSERT ... FORMAT JSONEachRow`. A torn record at the tail
 (a crash mid-write) fails its CRC and is cut off at recovery; it was never answered 202.
+
+A write or fsync that fails (a full disk) fails only the records of that round: the file is
+cut back to the last whole record, nothing of the round is acknowledged or readable, and the
+next round simply tries again. `write_error` says what failed until a write succeeds or,
+with no traffic, until a probe finds room for the failed round again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import struct
 import threading
@@ -29,6 +36,7 @@ _HEADER = struct.Struct("<HIIII")
 _MAGIC = 0x5A17
 SEGMENT_BYTES = 64 * 1024 * 1024
 _IOV_MAX = 1020  # buffers per writev (Linux allows 1024)
+RETRY_INTERVAL = 1.0  # seconds between probes of the disk after a failed write
 
 
 class Unavailable(RuntimeError):
@@ -85,7 +93,10 @@ class Spool:
         self._queue: list[tuple[list[bytes], int, Ticket]] = []
         self._wake = threading.Condition(self._lock)
         self._closing = False
-        self.broken: OSError | None = None
+        # The last write round's failure, until a round succeeds (for /readyz).
+        self.write_error: OSError | None = None
+        self._needs_cut = False  # a failed round may have left bytes after _write_pos
+        self._failed_bytes = 0  # size of the failed round: what the probe must fit
         self._appender = threading.Thread(
             target=self._append_loop, name=f"spool-{directory.name}", daemon=True
         )
@@ -178,32 +189,78 @@ class Spool:
     def _append_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and not self._closing:
-                    self._wake.wait()
+                if not self._queue and not self._closing:
+                    self._wake.wait(RETRY_INTERVAL if self.write_error is not None else None)
                 batch, self._queue = self._queue, []
                 if not batch and self._closing:
                     return
-            try:
-                if self.broken is not None:
-                    raise self.broken
-                end = self._write(batch)
-                if self.fsync:
-                    os.fsync(self._fd)
-            except OSError as exc:
-                # Nothing of this batch is acknowledged nor visible to the reader; the
-                # spool refuses further records until a restart recovers it.
-                self.broken = exc
-                with self._lock:
-                    self._pending_bytes -= sum(size for _, size, _ in batch)
-                for _, _, ticket in batch:
-                    ticket.fail(exc)
-                continue
-            with self._lock:
-                # Readers see the records once durable (a segment rotation mid-batch
-                # publishes the records before it early; they are fsync'd by then).
-                self._write_pos = end
-            for _, _, ticket in batch:
+            if batch:
+                self._write_round(batch)
+            elif self.write_error is not None:
+                self._probe()
+
+    def _write_round(self, batch: list[tuple[list[bytes], int, Ticket]]) -> None:
+        try:
+            self._cut()
+            end = self._write(batch)
+            if self.fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            self._fail_round(batch, exc)
+            return
+        with self._lock:
+            # Readers see the records once durable (a segment rotation mid-batch
+            # publishes the records before it early; they are fsync'd by then).
+            self._write_pos = end
+        self.write_error = None
+        for _, _, ticket in batch:
+            ticket.complete()
+
+    def _fail_round(self, batch: list[tuple[list[bytes], int, Ticket]], exc: OSError) -> None:
+        """Fail what this round did not make durable; keep the spool appendable."""
+        self.write_error = exc
+        self._needs_cut = True
+        durable = self._write_pos  # records before a rotation were fsync'd by it
+        failed = [
+            (size, ticket)
+            for _, size, ticket in batch
+            if ticket.end is None or ticket.end > durable
+        ]
+        self._failed_bytes = sum(size for size, _ in failed)
+        with contextlib.suppress(OSError):  # else retried before the next write
+            self._cut()
+        with self._lock:
+            self._pending_bytes -= self._failed_bytes
+        failed_tickets = {id(ticket) for _, ticket in failed}
+        for _, _, ticket in batch:
+            if id(ticket) in failed_tickets:
+                ticket.end = None
+                ticket.fail(exc)
+            else:
                 ticket.complete()
+
+    def _cut(self) -> None:
+        """Cut what a failed round left after the last durable record (a torn frame, or
+        whole records whose fsync failed) so the next round appends after good data."""
+        if not self._needs_cut:
+            return
+        os.ftruncate(self._fd, self._write_pos.offset)
+        os.fsync(self._fd)
+        self._needs_cut = False
+
+    def _probe(self) -> None:
+        """With no traffic after a failed write: is there room for that round now?
+        (Reserve the space, then give it back; a crash in between leaves zeros that
+        recovery cuts off like a torn record.)"""
+        try:
+            self._cut()
+            os.posix_fallocate(self._fd, self._write_pos.offset, max(self._failed_bytes, 4096))
+            os.ftruncate(self._fd, self._write_pos.offset)
+        except OSError as exc:
+            self.write_error = exc
+            self._needs_cut = True
+            return
+        self.write_error = None
 
     def _write(self, batch: list[tuple[list[bytes], int, Ticket]]) -> Cursor:
         """Write the batch in order, rotating segments as they fill; return the end."""
@@ -228,8 +285,11 @@ class Spool:
             chunk = buffers[start : start + _IOV_MAX]
             total = sum(len(b) for b in chunk)
             written = os.writev(self._fd, chunk)
-            if written != total:  # pragma: no cover - a full disk
-                raise OSError(f"short write to spool ({written} of {total} bytes)")
+            if written != total:  # the disk filled up during this write
+                raise OSError(
+                    errno.ENOSPC,
+                    f"No space left on device (short write to spool: {written} of {total} bytes)",
+                )
         offset = pos.offset
         for size, ticket in group:
             offset += size
@@ -237,15 +297,23 @@ class Spool:
         return Cursor(pos.segment, offset)
 
     def _rotate(self) -> Cursor:
+        """Start the next segment. Until the last step nothing changes, so a failure
+        leaves the spool writing to the old segment (which the caller then cuts back)."""
         os.fsync(self._fd)
-        os.close(self._fd)
         number = self._write_pos.segment + 1
-        self._fd = os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        dir_fd = os.open(self.dir, os.O_RDONLY)
+        fd = os.open(self._path(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            os.ftruncate(fd, 0)  # a file left by an earlier failed rotation
+            dir_fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            os.close(fd)
+            raise
+        os.close(self._fd)
+        self._fd = fd
         with self._lock:
             self._segments.append(number)
             self._write_pos = Cursor(number, 0)
@@ -310,8 +378,10 @@ class Spool:
             self._path(segment).unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Write what is queued, then stop the appender and close the file."""
+        """Write what is queued, then stop the appender and close the file (once)."""
         with self._lock:
+            if self._closing:
+                return
             self._closing = True
             self._wake.notify()
         self._appender.join()

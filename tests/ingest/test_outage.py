@@ -3,6 +3,11 @@ spool is full (then 503 + Retry-After), and everything is stored once when it is
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -109,3 +114,72 @@ def test_registration_failure_never_drops_usage(
     with services.engine.connect() as conn:
         assert conn.execute(text("SELECT id FROM tenants")).scalars().all() == ["acct-late"]
     assert stored_count(services) == (2, 2)
+
+
+@pytest.fixture
+def small_disk_spool(settings: Settings) -> Iterator[tuple[Settings, Path]]:
+    """The data dir's spool on a 4 MiB tmpfs (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs as the spool's disk needs root")
+    spool = settings.data_dir / "spool"
+    spool.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(spool)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield settings, spool
+    finally:
+        subprocess.run(["umount", "-l", str(spool)], check=True, timeout=30)
+
+
+def test_a_full_disk_refuses_ingest_until_space_is_freed_then_recovers_by_itself(
+    small_disk_spool: tuple[Settings, Path], admin_headers: dict[str, str]
+) -> None:
+    settings, spool = small_disk_spool
+    filler = spool / "filler"
+    filler.write_bytes(b"\0" * (3 * 1024 * 1024))  # leaves about 1 MiB for the spool
+    app = create_app(settings, ADMIN_TOKEN, run_scheduler=False)
+    with TestClient(app) as client:
+        services = wait_ready(app)
+        accepted = 0
+        batch_no = 0
+        while True:
+            batch = [event(f"{batch_no}-{i}") for i in range(500)]
+            response = send(client, admin_headers, batch)
+            if response.status_code == 503:
+                break
+            assert response.status_code == 202
+            accepted += response.json()["accepted"]
+            batch_no += 1
+            assert batch_no < 100, "the disk never filled up"
+        assert accepted > 0
+        assert response.headers["retry-after"]
+        assert "No space left on device" in response.text
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert "No space left on device" in ready.json()["problems"]["spool_events"]
+        # Still full: the next batch is refused too (and leaves no torn record behind).
+        assert send(client, admin_headers, batch).status_code == 503
+
+        filler.unlink()  # the operator frees space; no restart
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, client.get("/readyz").json()
+            time.sleep(0.05)
+        again = send(client, admin_headers, batch)  # the refused batch, retried
+        assert again.status_code == 202 and again.json()["accepted"] == 500
+        after = send(client, admin_headers, [event(f"after-{i}") for i in range(500)])
+        assert after.status_code == 202 and after.json()["accepted"] == 500
+        total = accepted + 1000
+        assert stored_count(services) == (total, total)
+        ids = services.ch.query("SELECT count() FROM ingested_ids FINAL WHERE stream = 'events'")
+        assert ids.result_rows == [(total,)]
+    # And a restart on the same spool replays nothing twice.
+    app = create_app(settings, ADMIN_TOKEN, run_scheduler=False)
+    with TestClient(app):
+        assert stored_count(wait_ready(app)) == (total, total)
