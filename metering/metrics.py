@@ -56,3 +56,10 @@ GATE_LOOKUPS = Counter(
     ["stream"],
     registry=REGISTRY,
 )
+SPOOL_REPLAYED = Counter(
+    "metering_spool_replayed_items_total",
+    "Items a starting process found in its spool after the checkpoint (left by a crash or an "
+    "undrained stop) and stored in ClickHouse, exactly once, before taking traffic",
+    ["stream"],
+    registry=REGISTRY,
+)

@@ -1,22 +1,36 @@
 """The in-process scheduler (APScheduler) and the one registry of its jobs.
 
 Every job is a function of `Services`, registered in `JOBS` with its trigger; `metering
-serve` schedules them, and `metering jobs run NAME` runs one once from a shell. Later
-work (invoice finalization, budget checks, webhook retries) adds entries here.
+serve` schedules them, and `metering jobs run NAME` runs one once from a shell (`run_once`).
+Later work (invoice finalization, budget checks, webhook retries) adds entries here.
+
+`jobs run` needs the stores, not the ingest stack: it never starts the pipelines (no spool
+replay at open, no gate rebuild, no writer threads). A job that ingests (the probe job)
+still submits through its stream's pipeline, so its rows take the one exactly-once path of
+`POST /v1/probes` (admitted, spooled and fsync'd before they count); `run_once` then drains
+that stream's spool synchronously with `StreamPipeline.replay`, the crash-recovery path,
+which asks ClickHouse which rows of each record it already has and inserts only the others
+(the gate, never rebuilt here, is not what keeps the rows unique: that check is).
+A stream the job did not write to is left alone. The spool is ordered, so draining the
+probe spool also stores whatever a crashed `serve` had left in it, exactly once, which is
+what that server's next start would have done; the data-dir lock keeps `serve` and `jobs
+run` from sharing a spool.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from metering.ingest.pipeline import StreamPipeline
+from metering.ingest.store import EVENTS_TABLE, PROBES_TABLE, IngestStore, StreamTable
 from metering.probes.job import run_probes
-from metering.tenants.registration import register_from_clickhouse
+from metering.tenants.registration import register_from_clickhouse, register_pairs
 
 if TYPE_CHECKING:
     from metering.services import Services
@@ -62,15 +76,53 @@ JOBS: dict[str, Job] = {
 }
 
 
-class Scheduler:
-    """Runs the registered jobs on their triggers inside `metering serve`."""
+def run_once(services: Services, name: str) -> Any:
+    """Run the job `name` once, outside `serve`, on services that were opened but not
+    started: connect and migrate the stores, run the job, store what it spooled. Returns
+    what the job returned; raises KeyError for an unknown name."""
+    job = JOBS[name]
+    if services.started:
+        raise RuntimeError("run_once is for services whose ingest stack is not running")
+    services.migrate()  # connects ClickHouse; no replay, no writer
+    result = job.run(services)
+    for pipeline, table in ((services.events, EVENTS_TABLE), (services.probes, PROBES_TABLE)):
+        if pipeline.lag > 0:  # the job spooled rows and no writer runs: store them now
+            _drain(services, pipeline, table)
+    return result
 
-    def __init__(self, services: Services) -> None:
+
+def _drain(services: Services, pipeline: StreamPipeline[Any], table: StreamTable) -> int:
+    """Store a never-started pipeline's spool in ClickHouse, exactly once, through the
+    crash-recovery path (`replay`), on this thread. The pipeline was opened without its
+    ClickHouse side, so its spool is closed and reopened by one that has it."""
+    pipeline.stop()  # no writer ran: this only closes the spool, the job's records written
+    spool = pipeline.spool
+    drain: StreamPipeline[Any] = StreamPipeline(
+        pipeline.schema,
+        spool.dir,
+        max_spool_bytes=spool.max_bytes,
+        fsync=spool.fsync,
+        on_keys=(lambda pairs: register_pairs(services.engine, pairs))
+        if table is EVENTS_TABLE
+        else None,
+        store=IngestStore(services.ch, table),
+    )
+    try:
+        return drain.replay()
+    finally:
+        drain.stop()
+
+
+class Scheduler:
+    """Runs the registered jobs (or `jobs`, for tests) on their triggers inside `serve`."""
+
+    def __init__(self, services: Services, jobs: Mapping[str, Job] | None = None) -> None:
         self.services = services
+        self.jobs = JOBS if jobs is None else jobs
         self._scheduler = BackgroundScheduler(timezone="UTC")
 
     def start(self) -> None:
-        for job in JOBS.values():
+        for job in self.jobs.values():
             trigger = job.trigger(self.services)
             if trigger is None:
                 continue
@@ -92,6 +144,10 @@ class Scheduler:
                 log.exception("job %s failed", job.name)
 
         return run
+
+    def scheduled(self) -> list[str]:
+        """Names of the jobs that have a trigger (the ones `start` scheduled)."""
+        return sorted(job.id for job in self._scheduler.get_jobs())
 
     def shutdown(self) -> None:
         if self._scheduler.running:

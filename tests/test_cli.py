@@ -1,36 +1,31 @@
-"""`metering serve` and `metering migrate` as a user runs them: real subprocesses on a
-fresh data dir (embedded chDB + SQLite)."""
+"""`metering serve`, `metering migrate` and `metering jobs` as a user runs them: real
+subprocesses on a fresh data dir (embedded chDB + SQLite)."""
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import stat
 import subprocess
-import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 
+from metering.scheduler import JOBS
 from tests.ingest.helpers import event
-
-METERING = [sys.executable, "-m", "metering.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def env_for(data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("METERING_")}
-    env.update({"METERING_DATA_DIR": str(data_dir), **extra})
-    return env
+from tests.processes import (
+    METERING,
+    env_for,
+    free_port,
+    read_store,
+    run_command,
+    spool_tail_items,
+    spool_then_die,
+)
 
 
 class Server:
@@ -48,7 +43,8 @@ class Server:
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.communicate()
+            if self.proc.poll() is not None:
+                raise AssertionError(self.proc.communicate(timeout=10))
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
                     return
@@ -60,7 +56,12 @@ class Server:
     def stop(self) -> tuple[str, str]:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        out, err = self.proc.communicate(timeout=60)
+        try:
+            out, err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate(timeout=30)
+            raise
         return out, err
 
 
@@ -78,7 +79,7 @@ def server(data_dir: Path) -> Iterator[Server]:
     finally:
         if srv.proc.poll() is None:
             srv.proc.kill()
-            srv.proc.communicate()
+            srv.proc.communicate(timeout=30)
 
 
 def test_serve_answers_health_ready_and_openapi(server: Server, data_dir: Path) -> None:
@@ -124,7 +125,7 @@ def test_restart_keeps_rows_and_applies_no_migration_twice(data_dir: Path) -> No
     batch = {"events": [event(i) for i in range(500)]}
     try:
         first.wait_ready()
-        response = httpx.post(f"{first.url}/v1/events", json=batch, headers=headers)
+        response = httpx.post(f"{first.url}/v1/events", json=batch, headers=headers, timeout=60)
         assert response.json()["accepted"] == 500
     finally:
         out, err = first.stop()
@@ -136,7 +137,7 @@ def test_restart_keeps_rows_and_applies_no_migration_twice(data_dir: Path) -> No
     second = Server(data_dir, METERING_ADMIN_TOKEN="tok")
     try:
         second.wait_ready()
-        response = httpx.post(f"{second.url}/v1/events", json=batch, headers=headers)
+        response = httpx.post(f"{second.url}/v1/events", json=batch, headers=headers, timeout=60)
         assert response.json() == {"accepted": 0, "duplicates": 500, "rejected": []}
     finally:
         out, err = second.stop()
@@ -159,3 +160,56 @@ def test_migrate_dry_run_prints_sql_and_applies_nothing(data_dir: Path) -> None:
         [*METERING, "migrate"], env=env_for(data_dir), capture_output=True, text=True, timeout=60
     )
     assert "0001_create_rerank_events" in real.stdout and "relational: 0001" in real.stdout
+
+
+class Endpoint(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/up" else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def endpoints() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join(10)
+
+
+def test_jobs_list_names_every_job(data_dir: Path) -> None:
+    listed = run_command(data_dir, "jobs", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == list(JOBS)
+    unknown = run_command(data_dir, "jobs", "run", "nope")
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().splitlines() == [
+        f"metering: no job 'nope'; jobs: {', '.join(JOBS)}"
+    ]
+
+
+def test_jobs_run_stores_probes_once_without_the_ingest_stack(
+    data_dir: Path, endpoints: str, tmp_path: Path
+) -> None:
+    """`jobs run probe` stores its probes exactly once before it exits, and leaves the
+    event spool a crashed server left behind alone (no replay: that is serve's work)."""
+    events = [event(f"left-{i}") for i in range(200)]
+    assert spool_then_die(data_dir, events) == 200
+    targets = f"llmapi={endpoints}/up,cohere@eu={endpoints}/down"
+    run = run_command(data_dir, "jobs", "run", "probe", METERING_PROBE_TARGETS=targets)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "probe: 2"
+    assert spool_tail_items(data_dir, "probes") == 0  # drained by the job
+    assert spool_tail_items(data_dir, "events") == 200  # not replayed
+    tenants = run_command(data_dir, "jobs", "run", "register-tenants")
+    assert tenants.returncode == 0, tenants.stderr
+    assert tenants.stdout.splitlines()[-1] == "register-tenants: 0"  # no event stored
+    counts = read_store(data_dir, tmp_path / "probes.txt", table="uptime_probes")
+    assert counts["rows"] == counts["distinct"] == counts["ids_final"] == 2, counts
+    events_counts = read_store(data_dir, tmp_path / "events.txt")
+    assert events_counts["rows"] == 0

@@ -1,14 +1,22 @@
 """kill -9 crash test: every acknowledged event is stored exactly once, across crashes.
 
 A real `metering serve` subprocess (chDB + SQLite, METERING_SPOOL_FSYNC=always) takes
-≥ 200,000 distinct events from two retrying senders (batches of 1,000-5,000; the same
+≥ 200,000 distinct events from two paced, retrying senders (batches of 1,000-5,000; the same
 batch, same event_ids, is resent on any connection error or 5xx until it gets a 202),
 while a killer thread `kill -9`s the server at random moments (seeded RNG) and restarts
-it on the same data dir. After each restart it resends a random sample of batches that
+it on the same data dir. Each kill waits (bounded) until the server reports spooled
+bytes not yet in ClickHouse, so kills land while the writer lags; after each kill the
+dead server's spool tail is counted, and the restarted server must report in /metrics
+that it replayed exactly that many events before it took traffic (at least one kill
+must have left a tail). After each restart it resends a random sample of batches that
 were already acknowledged: all of their events must come back as duplicates. At the
 end the server is stopped and ClickHouse is read from a separate process (chDB: one
 process per path): `rerank_events` holds exactly the ids sent, each once, and
 `ingested_ids` knows each of them.
+
+`test_kill_9_with_a_spool_tail_replays_it_once` is the deterministic part: a process
+spools events with no writer running and is killed with SIGKILL; the next server
+replays exactly those events, once.
 
 Seed: METERING_CRASH_SEED (default 20261127), printed on failure.
 """
@@ -18,10 +26,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,107 +37,27 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.ingest.helpers import event
+from tests.processes import ServerProcess, read_store, spool_tail_items, spool_then_die
+
 SEED = int(os.environ.get("METERING_CRASH_SEED", "20261127"))
 TOTAL_EVENTS = 200_000
 SENDERS = 2
 KILLS_WHILE_SENDING = 6
 DUPLICATE_SAMPLE = 3  # acknowledged batches resent after each restart
+SENDER_RATE = 8_000  # events/s per sender at most (unpaced, 200k go by in 2-3 s)
 DEADLINE_SECONDS = 420.0
 ADMIN_TOKEN = "crash-test-admin-token"
 PROVIDERS = ("cohere", "voyage", "jina", "mixedbread")
 
 
-# ---------------------------------------------------------------------------------------
-# The server subprocess.
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class ServerProcess:
-    """`metering serve` on a fixed data dir and port, restartable, kill -9 able."""
-
-    def __init__(self, data_dir: Path, port: int) -> None:
-        self.data_dir = data_dir
-        self.port = port
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = data_dir.parent / "server.log"
-        self.starts = 0
-        self.kills = 0
-
-    def start(self, timeout: float = 120.0) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("METERING_")}
-        env.update(
-            METERING_DATA_DIR=str(self.data_dir),
-            METERING_ADMIN_TOKEN=ADMIN_TOKEN,
-            METERING_SPOOL_FSYNC="always",
-        )
-        metering = Path(sys.executable).with_name("metering")
-        command = [str(metering)] if metering.exists() else [sys.executable, "-m", "metering.cli"]
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n--- start #{self.starts + 1} ---\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                [*command, "serve", "--port", str(self.port)],
-                cwd=self.data_dir.parent,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.starts += 1
-        deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=5.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise AssertionError(
-                        f"server exited with {self.proc.returncode}:\n{self.log_tail()}"
-                    )
-                try:
-                    if client.get(f"{self.base_url}/readyz").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.05)
-        raise AssertionError(f"server not ready after {timeout}s:\n{self.log_tail()}")
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self.kills += 1
-
-    def stop(self, timeout: float = 90.0) -> None:
-        """Graceful stop (SIGTERM: the writer drains the spool)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"server did not stop on SIGTERM:\n{self.log_tail()}") from None
-
-    def ensure_dead(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def log_tail(self, lines: int = 40) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path / "data", _free_port())
+    proc = ServerProcess(
+        tmp_path / "data",
+        METERING_ADMIN_TOKEN=ADMIN_TOKEN,
+        METERING_SPOOL_FSYNC="always",
+    )
     try:
         yield proc
     finally:
@@ -196,8 +120,11 @@ class Progress:
     # Retried batches whose earlier attempt had been spooled before the kill (the reply
     # was lost): their events come back as duplicates, not as new.
     spooled_unanswered: int = 0
-    # Kills after which the spool held records not yet in ClickHouse (to replay).
+    # Kills after which the spool held records not yet in ClickHouse (to replay), and
+    # the events the restarted servers replayed from them.
     kills_with_spool_tail: int = 0
+    replayed: int = 0
+    tails: list[tuple[int, bool, int]] = field(default_factory=list)  # acked, lagging, tail
     errors: list[str] = field(default_factory=list)
 
 
@@ -248,7 +175,11 @@ def sender(
                     if not queue:
                         return
                     batch = queue.pop()
+                started = time.monotonic()
                 reply = post_until_202(client, url, batch, progress, deadline, stop)
+                # Paced, so that the kills (at marks of the acknowledged count) fall while
+                # events are being sent, not after the last one.
+                stop.wait(max(0.0, len(batch.ids) / SENDER_RATE - (time.monotonic() - started)))
                 if reply["accepted"] + reply["duplicates"] != len(batch.ids):
                     raise AssertionError(f"batch {batch.number}: {reply}")
                 with progress.lock:
@@ -279,56 +210,32 @@ def resend_acknowledged(
                 progress.duplicate_resends += 1
 
 
-def spool_tail_bytes(data_dir: Path) -> int:
-    """Bytes of the event spool after its checkpoint (records a restart must replay)."""
-    spool = data_dir / "spool" / "events"
-    checkpoint = spool / "checkpoint"
-    segment, offset = (
-        (int(x) for x in checkpoint.read_text().split()) if checkpoint.exists() else (0, 0)
-    )
-    total = 0
-    for path in spool.glob("seg-*.wal"):
-        number = int(path.name[4:16])
-        if number == segment:
-            total += max(0, path.stat().st_size - offset)
-        elif number > segment:
-            total += path.stat().st_size
-    return total
+def replayed_at_start(server: ServerProcess) -> int:
+    return int(server.metric("metering_spool_replayed_items_total", {"stream": "events"}))
 
 
-# ---------------------------------------------------------------------------------------
-# Reading ClickHouse from another process.
-
-READ_SCRIPT = """
-import json, sys
-from metering.clickhouse.client import make_client
-c = make_client("chdb://" + sys.argv[1], "default")
-rows, distinct = c.query("SELECT count(), uniqExact(event_id) FROM rerank_events").result_rows[0]
-ids_rows, ids_distinct = c.query(
-    "SELECT count(), uniqExact(id) FROM ingested_ids WHERE stream = 'events'"
-).result_rows[0]
-ids_final = c.query(
-    "SELECT count() FROM ingested_ids FINAL WHERE stream = 'events'"
-).result_rows[0][0]
-with open(sys.argv[2], "w") as out:
-    for (event_id,) in c.query("SELECT event_id FROM rerank_events").result_rows:
-        out.write(event_id + "\\n")
-print(json.dumps({"rows": rows, "distinct": distinct, "ids_rows": ids_rows,
-                  "ids_distinct": ids_distinct, "ids_final": ids_final}))
-"""
-
-
-def read_store(data_dir: Path, ids_file: Path) -> dict[str, int]:
-    out = subprocess.run(
-        [sys.executable, "-c", READ_SCRIPT, str(data_dir / "clickhouse"), str(ids_file)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    counts: dict[str, int] = json.loads(out.stdout.strip().splitlines()[-1])
-    return counts
+def kill_while_the_writer_lags(server: ServerProcess, progress: Progress, wait: float) -> None:
+    """SIGKILL as soon as the server reports spooled bytes not yet stored (or after
+    `wait` seconds), then count the tail it left and check that the restarted server
+    replayed exactly that many events before it took traffic."""
+    # Polled back to back: the writer stores a batch within milliseconds of its spool
+    # write, so the windows with a tail are short but recur with every request.
+    deadline = time.monotonic() + wait
+    lagging = False
+    while not lagging and time.monotonic() < deadline:
+        try:
+            lagging = server.metric("metering_spool_pending_bytes", {"stream": "events"}) > 0
+        except httpx.TransportError:
+            break
+    server.kill9()
+    tail = spool_tail_items(server.data_dir)
+    progress.tails.append((progress.acked_events, lagging, tail))
+    server.start()
+    replayed = replayed_at_start(server)
+    assert replayed == tail, f"the restart replayed {replayed} events, the spool held {tail}"
+    with progress.lock:
+        progress.kills_with_spool_tail += tail > 0
+        progress.replayed += replayed
 
 
 # ---------------------------------------------------------------------------------------
@@ -336,6 +243,7 @@ def read_store(data_dir: Path, ids_file: Path) -> dict[str, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(DEADLINE_SECONDS + 300)
 def test_kill_9_loses_and_duplicates_nothing(server: ServerProcess, tmp_path: Path) -> None:
     started = time.monotonic()
     deadline = started + DEADLINE_SECONDS
@@ -343,7 +251,7 @@ def test_kill_9_loses_and_duplicates_nothing(server: ServerProcess, tmp_path: Pa
     batches = make_batches(rng, TOTAL_EVENTS)
     sent_ids = {i for batch in batches for i in batch.ids}
     assert len(sent_ids) == TOTAL_EVENTS
-    url = f"{server.base_url}/v1/events"
+    url = f"{server.url}/v1/events"
 
     server.start()
     progress = Progress()
@@ -370,9 +278,7 @@ def test_kill_9_loses_and_duplicates_nothing(server: ServerProcess, tmp_path: Pa
             if stop.is_set():
                 break
             time.sleep(killer_rng.uniform(0.0, 0.3))
-            server.kill9()
-            progress.kills_with_spool_tail += spool_tail_bytes(server.data_dir) > 0
-            server.start()
+            kill_while_the_writer_lags(server, progress, wait=0.3)
             resend_acknowledged(url, killer_rng, progress, deadline, stop)
     except BaseException:
         stop.set()
@@ -387,8 +293,7 @@ def test_kill_9_loses_and_duplicates_nothing(server: ServerProcess, tmp_path: Pa
     # One more crash with nothing in flight (the writer may still be draining), then
     # the acknowledged batches again, then a graceful stop.
     time.sleep(killer_rng.uniform(0.0, 0.5))
-    server.kill9()
-    server.start()
+    kill_while_the_writer_lags(server, progress, wait=0.0)
     resend_acknowledged(url, killer_rng, progress, deadline, stop)
     server.stop()
 
@@ -399,11 +304,40 @@ def test_kill_9_loses_and_duplicates_nothing(server: ServerProcess, tmp_path: Pa
         f"seed {SEED}, {server.kills} kills, {progress.retries} retries, "
         f"{progress.duplicate_resends} acknowledged batches resent, "
         f"{progress.spooled_unanswered} batches spooled but unanswered at a kill, "
-        f"{progress.kills_with_spool_tail} kills with a spool tail to replay, counts {counts}, "
+        f"{progress.kills_with_spool_tail} kills with a spool tail to replay "
+        f"({progress.replayed} events replayed; per kill (acked, lagging, tail) "
+        f"{progress.tails}), counts {counts}, "
         f"{time.monotonic() - started:.1f}s"
     )
     assert counts["rows"] == counts["distinct"] == TOTAL_EVENTS, context
     assert len(stored_ids) == TOTAL_EVENTS and set(stored_ids) == sent_ids, context
     assert counts["ids_distinct"] == counts["ids_final"] == TOTAL_EVENTS, context
     assert progress.duplicate_resends == DUPLICATE_SAMPLE * (server.kills), context
+    assert progress.kills_with_spool_tail >= 1 and progress.replayed > 0, context
     print(context)
+
+
+def test_kill_9_with_a_spool_tail_replays_it_once(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    events = [event(f"tail-{i}") for i in range(1000)]
+    assert spool_then_die(data_dir, events, METERING_ADMIN_TOKEN=ADMIN_TOKEN) == 1000
+    assert spool_tail_items(data_dir) == 1000
+
+    server = ServerProcess(data_dir, METERING_ADMIN_TOKEN=ADMIN_TOKEN)
+    try:
+        server.start()
+        assert replayed_at_start(server) == 1000
+        response = httpx.post(
+            f"{server.url}/v1/events",
+            json={"events": events},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            timeout=60,
+        )
+        assert response.json() == {"accepted": 0, "duplicates": 1000, "rejected": []}
+        server.stop()
+    finally:
+        server.ensure_dead()
+    assert spool_tail_items(data_dir) == 0
+    counts = read_store(data_dir, tmp_path / "ids.txt")
+    assert counts["rows"] == counts["distinct"] == counts["ids_final"] == 1000, counts
+    assert set((tmp_path / "ids.txt").read_text().split()) == {e["event_id"] for e in events}

@@ -9,11 +9,23 @@ from typing import Any
 import msgspec
 from fastapi.testclient import TestClient
 
+from metering import metrics
 from metering.app import create_app, wait_ready
+from metering.ingest.decode import Decoded
+from metering.ingest.structs import Event
 from metering.services import Services
 from metering.settings import Settings
 from tests.conftest import ADMIN_TOKEN
 from tests.ingest.helpers import event, failing_first, probe, stored_count
+
+WAIT = 60.0  # bound of every wait below
+
+
+def replayed_items() -> float:
+    value = metrics.REGISTRY.get_sample_value(
+        "metering_spool_replayed_items_total", {"stream": "events"}
+    )
+    return value or 0.0
 
 
 def send(client: TestClient, headers: dict[str, str], events: list[dict[str, Any]]) -> Any:
@@ -44,30 +56,32 @@ def test_invalid_first_copy_does_not_shadow_a_valid_one(
     assert stored_count(services) == (1, 1)
 
 
-def test_resend_across_batches(
-    client: TestClient, admin_headers: dict[str, str], services: Services
-) -> None:
+def test_resend_across_batches(settings: Settings, admin_headers: dict[str, str]) -> None:
     first = [event(i) for i in range(1000)]
-    assert send(client, admin_headers, first)["accepted"] == 1000
-    assert send(client, admin_headers, first)["duplicates"] == 1000
     mixed = [event(i) for i in range(500, 1500)]
-    assert send(client, admin_headers, mixed) == {
-        "accepted": 500,
-        "duplicates": 500,
-        "rejected": [],
-    }
-    services.events.wait_stored()
-    # Old retries are answered from ClickHouse once the in-memory layers forgot them.
-    services.events.gate._recent.clear()
-    services.events.gate._recent_old.clear()
-    lookups = services.events.gate.lookups
-    assert send(client, admin_headers, [event(7), event(1499), event(5000)]) == {
-        "accepted": 1,
-        "duplicates": 2,
-        "rejected": [],
-    }
-    assert services.events.gate.lookups == lookups + 1
-    assert stored_count(services) == (1501, 1501)
+    app = create_app(settings, ADMIN_TOKEN, run_scheduler=False)
+    with TestClient(app) as client:
+        wait_ready(app)
+        assert send(client, admin_headers, first)["accepted"] == 1000
+        assert send(client, admin_headers, first)["duplicates"] == 1000
+        assert send(client, admin_headers, mixed) == {
+            "accepted": 500,
+            "duplicates": 500,
+            "rejected": [],
+        }
+    # Old retries are answered from ClickHouse once the in-memory layers forgot them: a
+    # new process's gate holds only a Bloom filter rebuilt from the stored ids.
+    app = create_app(settings, ADMIN_TOKEN, run_scheduler=False)
+    with TestClient(app) as client:
+        services = wait_ready(app)
+        lookups = services.events.gate.lookups
+        assert send(client, admin_headers, [event(7), event(1499), event(5000)]) == {
+            "accepted": 1,
+            "duplicates": 2,
+            "rejected": [],
+        }
+        assert services.events.gate.lookups == lookups + 1
+        assert stored_count(services) == (1501, 1501)
 
 
 def test_probes_are_deduplicated_too(
@@ -97,7 +111,8 @@ def test_two_clients_sending_the_same_batch_at_once(
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(WAIT)
+        assert not thread.is_alive(), "a sender did not finish"
     assert sum(r["accepted"] for r in results) == 20 * 500
     assert sum(r["duplicates"] for r in results) == 2 * 20 * 500
     assert stored_count(services) == (10_000, 10_000)
@@ -147,19 +162,23 @@ def test_failed_insert_is_retried_without_double_counting(
 def test_spool_replay_after_crash_stores_once(
     settings: Settings, admin_headers: dict[str, str]
 ) -> None:
-    """Records spooled but not stored (the writer never ran) are stored at next start."""
-    app = create_app(settings, ADMIN_TOKEN, run_scheduler=False)
-    with TestClient(app) as first:
-        services = wait_ready(app)
-        services.events._stopping.set()  # the writer stops: records stay in the spool
-        services.events._wake.set()
-        services.events._thread.join()  # type: ignore[union-attr]
-        assert send(first, admin_headers, [event(i) for i in range(100)])["accepted"] == 100
-        assert services.events.spool.pending_bytes > 0
-        services.started = False  # skip the drain on shutdown, like a crash
+    """Records spooled but not stored (the process died before its writer ran) are stored
+    at the next start, once. The first "process" is the pipeline's public API without a
+    writer: submit, wait until durable, stop there (tests/ingest/test_crash.py does the
+    same with kill -9 on a real server)."""
+    items = [msgspec.convert(event(i), Event) for i in range(100)]
+    crashed = Services.open(settings, ADMIN_TOKEN)
+    crashed.migrate()
+    submitted = crashed.events.submit(Decoded(items, []))
+    crashed.events.wait_durable(submitted)
+    assert submitted.accepted == 100 and crashed.events.spool.pending_bytes > 0
+    crashed.events.spool.close()  # nothing drained, no checkpoint moved
+    crashed.engine.dispose()
+    replayed = replayed_items()
     app = create_app(settings, ADMIN_TOKEN, run_scheduler=False)
     with TestClient(app) as second:
         services = wait_ready(app)
         assert services.events.spool.pending_bytes == 0
+        assert replayed_items() == replayed + 100
         assert send(second, admin_headers, [event(i) for i in range(100)])["duplicates"] == 100
         assert stored_count(services) == (100, 100)

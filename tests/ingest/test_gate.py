@@ -1,13 +1,22 @@
-"""The dedup gate: no false negatives, exact answers, growth, Python/ClickHouse hashes agree."""
+"""The dedup gate: no false negatives, exact answers, growth, Python/ClickHouse hashes
+agree, and a lookup that cannot be made is a 503 (never a guess)."""
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
 
+import msgspec
+import numpy as np
+from fastapi.testclient import TestClient
+
+from metering.app import create_app, wait_ready
 from metering.clickhouse.migrations import migrate
 from metering.ingest import gate as gate_module
 from metering.ingest.gate import BloomFilter, DedupGate, key_hashes
 from metering.ingest.store import EVENTS_TABLE, IngestStore
+from metering.settings import Settings
+from tests.conftest import ADMIN_TOKEN
+from tests.ingest.helpers import event
 
 
 def test_bloom_has_no_false_negatives_and_few_false_positives() -> None:
@@ -49,7 +58,44 @@ def test_gate_is_exact_and_grows(monkeypatch) -> None:  # type: ignore[no-untype
         stored.update(keys[:500])
         gate.stored(seq)
     assert gate.bloom.capacity >= 5000
-    gate._recent.clear()
-    gate._recent_old.clear()
     with gate.lock:
         assert gate.admit(["e1", "e4999", "new"]) == [False, False, True]
+    # A new process's gate knows the keys only from the store: the same exact answers.
+    restarted = DedupGate(lookup, source)
+    restarted.rebuild(len(stored))
+    with restarted.lock:
+        assert restarted.admit(["e1", "e4999", "new"]) == [False, False, True]
+    assert restarted.lookups == 1  # one exact lookup for the whole batch
+
+
+def test_failing_duplicate_lookup_is_503(settings: Settings, admin_headers: dict[str, str]) -> None:
+    """After a restart the gate knows stored keys only from ClickHouse: a retry is a Bloom
+    positive that needs an exact lookup; with ClickHouse not answering it, 503."""
+    batch = {"events": [event(i) for i in range(5)]}
+
+    def send(client: TestClient) -> Any:
+        return client.post(
+            "/v1/events",
+            content=msgspec.json.encode(batch),
+            headers={**admin_headers, "content-type": "application/json"},
+        )
+
+    app = create_app(settings, ADMIN_TOKEN, run_scheduler=False)
+    with TestClient(app) as first:
+        wait_ready(app)
+        assert send(first).json()["accepted"] == 5
+    app = create_app(settings, ADMIN_TOKEN, run_scheduler=False)
+    with TestClient(app) as second:
+        store = wait_ready(app).events.store
+        real = store.existing_ids
+
+        def down(ids: list[str]) -> set[str]:
+            raise ConnectionError("ClickHouse unreachable")
+
+        store.existing_ids = down  # type: ignore[method-assign]
+        response = send(second)
+        store.existing_ids = real  # type: ignore[method-assign]
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+        assert response.json()["error"].startswith("cannot check for duplicates now")
+        assert send(second).json()["duplicates"] == 5
