@@ -8,9 +8,11 @@ base, so one metadata and one Alembic history cover both.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any, ClassVar
 
-from sqlalchemy import MetaData
+from sqlalchemy import DateTime, Dialect, MetaData
 from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.types import TypeDecorator
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -25,5 +27,38 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class UTCDateTime(TypeDecorator[datetime]):
+    """A point in time, stored in UTC and always read back as an aware UTC datetime.
+
+    `DateTime(timezone=True)` alone is not enough: SQLite has no time zone type, so
+    SQLAlchemy stores the wall-clock digits and drops the offset, and reads come back
+    naive (the API then printed times without an offset). PostgreSQL's `timestamptz`
+    returns aware values in the session's zone. This type converts every value to UTC on
+    the way in, refuses naive ones (their zone is unknown), and marks what it reads as
+    UTC, on both databases. The column type in the database stays
+    `DateTime(timezone=True)`, so migrations are unchanged.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime) or value.utcoffset() is None:
+            raise ValueError(f"UTCDateTime needs an aware datetime, got {value!r}")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    # A `Mapped[datetime]` column without an explicit type is a UTCDateTime too.
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime}

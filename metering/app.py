@@ -8,21 +8,36 @@ optional demo data, scheduler) in a background thread, so `/healthz` answers at 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import RedirectResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from metering import __version__, metrics
+from metering.auth.deps import AuthState
 from metering.auth.routes import router as api_keys_router
+from metering.auth.service import TenantForbidden
+from metering.db.deps import SessionState
+from metering.errors import (
+    ApiError,
+    allowed_methods,
+    conform_openapi,
+    error_response,
+    http_error_messages,
+    validation_messages,
+)
+from metering.health.routes import HealthState
 from metering.health.routes import router as health_router
+from metering.http.protocol import CLIENT_GONE, CLOSED_STATUS
+from metering.ingest.routes import IngestState
 from metering.ingest.routes import router as ingest_router
 from metering.scheduler import Scheduler
 from metering.services import Services
@@ -33,8 +48,27 @@ log = logging.getLogger(__name__)
 StartupHook = Callable[[Services], None]
 
 
+def _route_state(services: Services) -> Services:
+    """The object the routes read from `app.state.services`. Each route module names what
+    it needs as a Protocol instead of importing this composition root; these assignments
+    make mypy check that `Services` provides all of them."""
+    auth: AuthState = services
+    session: SessionState = services
+    health: HealthState = services
+    ingest: IngestState = services
+    del auth, session, health, ingest
+    return services
+
+
 class MetricsMiddleware:
-    """Counts and times every request by route template (pure ASGI: no body copies)."""
+    """Counts and times every request by route template (pure ASGI: no body copies).
+
+    A request whose connection closed before its answer was complete is counted under the
+    status the server's protocol put in its scope (metering.http.protocol: 499 when the
+    client went away, 408 when its body timed out), not under what the app tried to send.
+    A ClientDisconnect the app lets through is the client's doing as well: counted 499 and
+    not raised further, so no traceback is logged for it.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -54,43 +88,45 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except ClientDisconnect:
+            status = CLIENT_GONE
         finally:
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
             method = scope["method"]
-            metrics.HTTP_REQUESTS.labels(template, method, str(status)).inc()
+            label = str(scope.get(CLOSED_STATUS, status))
+            metrics.HTTP_REQUESTS.labels(template, method, label).inc()
             metrics.HTTP_LATENCY.labels(template, method).observe(time.perf_counter() - started)
 
 
-_NAMED = re.compile(r"^[A-Za-z_][\w.\[\]]*: ")
-
-
-def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    out = ""
-    for part in parts:
-        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
-    return out or "body"
-
-
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    errors = []
-    for error in exc.errors():
-        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
-        field = _field(tuple(error.get("loc", ())))
-        named = field == "body" and _NAMED.match(message) is not None
-        errors.append(
-            message if named or message.startswith(f"{field}:") else f"{field}: {message}"
-        )
-    return JSONResponse({"error": "invalid request", "errors": errors}, status_code=422)
+    return error_response(400, validation_messages(exc.errors()))
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, HTTPException)
-    return JSONResponse(
-        {"error": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
-    )
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (unknown path 404, method 405) and any HTTPException."""
+    assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        allowed = allowed_methods(request.app.router.routes, request.scope)
+        headers["Allow"] = ", ".join(allowed)
+    messages = http_error_messages(exc.status_code, exc.detail, request.method, request.url.path)
+    return error_response(exc.status_code, messages, headers)
+
+
+async def _api_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.errors, exc.headers)
+
+
+async def _tenant_forbidden(_: Request, exc: Exception) -> Response:
+    return error_response(403, f"tenant_id: {exc}")
+
+
+async def _server_error(_: Request, exc: Exception) -> Response:
+    """500 in the error shape, without details (Starlette logs the traceback)."""
+    return error_response(500, "server: internal error")
 
 
 def create_app(
@@ -105,13 +141,15 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = Services.open(settings, admin_token)
-        app.state.services = services
+        app.state.services = _route_state(services)
         scheduler = Scheduler(services)
         app.state.scheduler = scheduler
 
         def start() -> None:
             try:
-                services.start()
+                # Retried with backoff while a store is unreachable (/readyz says why).
+                if not services.keep_starting():
+                    return  # shutting down before the stores answered
                 for hook in startup_hooks or []:
                     hook(services)
                 if run_scheduler:
@@ -128,6 +166,7 @@ def create_app(
             yield
         finally:
             scheduler.shutdown()
+            services.stop_starting()
             starter.join(timeout=60)
             services.close()
 
@@ -139,7 +178,10 @@ def create_app(
     )
     app.add_middleware(MetricsMiddleware)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(TenantForbidden, _tenant_forbidden)
+    app.add_exception_handler(Exception, _server_error)
     for router in (health_router, api_keys_router, ingest_router):
         app.include_router(router)
 
@@ -147,6 +189,12 @@ def create_app(
     def root() -> RedirectResponse:
         return RedirectResponse("/dashboard")
 
+    fastapi_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        return conform_openapi(fastapi_openapi())
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
@@ -158,6 +206,7 @@ def wait_ready(app: FastAPI, timeout: float = 120.0) -> Services:
         if services.startup_error:
             raise RuntimeError(services.startup_error)
         if time.monotonic() > deadline:
-            raise TimeoutError("services did not become ready")
+            waiting = f": {services.waiting_for}" if services.waiting_for else ""
+            raise TimeoutError(f"services did not become ready{waiting}")
         time.sleep(0.01)
     return services

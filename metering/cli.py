@@ -12,12 +12,45 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import logging
 import sys
+import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from metering.datadir import ensure_admin_token, lock_or_explain
-from metering.settings import Settings
+
+if TYPE_CHECKING:
+    from metering.settings import Settings
+
+# What the server imports that a client-only install (`pip install rerank-metering`) lacks.
+_SERVER_PACKAGES = (
+    "fastapi",
+    "uvicorn",
+    "sqlalchemy",
+    "alembic",
+    "clickhouse_connect",
+    "chdb",
+    "pydantic_settings",
+    "prometheus_client",
+    "apscheduler",
+    "numpy",
+)
+SERVER_EXTRA_HINT = (
+    "metering: the server needs the [server] extra: pip install 'rerank-metering[server]'"
+)
+
+
+def _missing_server_package() -> str | None:
+    for name in _SERVER_PACKAGES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):
+            return name
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,9 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     simulate = commands.add_parser("simulate", help="simulated gateway traffic (live or backfill)")
-    from metering import simulate as simulate_module
-
-    simulate_module.add_arguments(simulate)
+    _add_simulate_arguments(simulate)
 
     jobs = commands.add_parser("jobs", help="list the scheduler's jobs or run one once")
     jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
@@ -52,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if _missing_server_package() is not None:
+        print(SERVER_EXTRA_HINT, file=sys.stderr)
+        return 1
+    from metering.settings import Settings
+
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -64,9 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"metering: invalid settings: {exc}", file=sys.stderr)
         return 2
     if args.command == "simulate":
-        from metering import simulate as simulate_module
-
-        return simulate_module.main(args, settings)
+        return _simulate(args, settings)
     lock = lock_or_explain(settings.data_dir)
     if lock is None:
         return 1
@@ -106,12 +140,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from metering.app import StartupHook, create_app
+    from metering.http.protocol import HttpLimits, protocol_class
 
     hooks: list[StartupHook] = []
     if args.demo:
-        from metering import simulate as simulate_module
+        from metering.simulate.demo import demo_hook
 
-        hooks.append(simulate_module.demo_hook)
+        hooks.append(demo_hook)
     hooks.append(_tune_gc)
     app = create_app(settings, _admin_token(settings), startup_hooks=hooks)
     print(
@@ -124,7 +159,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         host=args.host,
         port=args.port,
         loop="uvloop",
-        http="httptools",
+        http=protocol_class(HttpLimits.from_settings(settings)),
         access_log=False,
         log_level="warning",
         timeout_graceful_shutdown=30,
@@ -157,7 +192,10 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _jobs(args: argparse.Namespace, settings: Settings) -> int:
-    from metering.scheduler import JOBS
+    """List the jobs, or run one once on the stores without the ingest stack (no spool
+    replay, no writer threads: see metering.scheduler for how an ingesting job still
+    stores its rows exactly once)."""
+    from metering.scheduler import JOBS, run_once
     from metering.services import Services
 
     if args.jobs_command == "list":
@@ -167,16 +205,181 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     if args.name not in JOBS:
         print(f"metering: no job {args.name!r}; jobs: {', '.join(JOBS)}", file=sys.stderr)
         return 2
-    job = JOBS[args.name]
     services = Services.open(settings, _admin_token(settings))
     try:
-        services.start()
-        services.ready = True
-        result = job.run(services)
-        print(f"{job.name}: {result}")
+        result = run_once(services, args.name)
+        print(f"{args.name}: {result}")
     finally:
         services.close()
     return 0
+
+
+# -- metering simulate --------------------------------------------------------------------
+
+
+def _iso_arg(value: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 timestamp: {value!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    """`metering simulate backfill|live ...`"""
+    from metering.simulate.live import LIVE_TENANTS
+    from metering.simulate.model import SEED_MONTH_DAYS, SEED_MONTH_EVENTS, SEED_MONTH_TENANTS
+
+    modes = parser.add_subparsers(dest="simulate_mode", required=True)
+    fill = modes.add_parser(
+        "backfill",
+        help="write N days of simulated traffic straight into the stores",
+        description="Write N days of simulated traffic (events, probes, tenants) straight "
+        "into ClickHouse and the relational store, at engine speed. Refuses to run again "
+        "with the same --seed (ids sim-<seed>-<n> are already stored).",
+    )
+    fill.add_argument("--days", type=float, required=True, help="length of the window")
+    fill.add_argument(
+        "--events",
+        type=int,
+        default=None,
+        help=f"events in the window (default {SEED_MONTH_EVENTS:,} per "
+        f"{SEED_MONTH_DAYS} days, the seed page's figure)",
+    )
+    fill.add_argument(
+        "--tenants",
+        type=int,
+        default=SEED_MONTH_TENANTS,
+        help="developer accounts (default %(default)s)",
+    )
+    fill.add_argument("--seed", type=int, default=1, help="RNG seed and id prefix (default 1)")
+    fill.add_argument(
+        "--end",
+        type=_iso_arg,
+        default=None,
+        help="end of the window, ISO 8601 (default now; naive = UTC)",
+    )
+    run = modes.add_parser(
+        "live",
+        help="send simulated traffic in real time through the HTTP API",
+        description="Generate events in real time (timestamps = now) and send them with "
+        "the gateway client (metering.client.MeteringClient), plus provider probes.",
+    )
+    run.add_argument("--url", default="http://127.0.0.1:8000")
+    run.add_argument("--key", required=True, help="an API key with the ingest scope")
+    run.add_argument("--rate", type=float, required=True, help="events per second")
+    run.add_argument("--duration", type=float, required=True, help="seconds to run")
+    run.add_argument("--seed", type=int, default=1)
+    run.add_argument(
+        "--tenants", type=int, default=LIVE_TENANTS, help="developer accounts (default %(default)s)"
+    )
+
+
+def _simulate(args: argparse.Namespace, settings: Settings) -> int:
+    if args.simulate_mode == "backfill":
+        return _simulate_backfill(args, settings)
+    if args.simulate_mode == "live":
+        return _simulate_live(args)
+    return 2
+
+
+def _simulate_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    from metering.clickhouse import migrations as ch_migrations
+    from metering.clickhouse.client import make_client
+    from metering.db import migrations as relational_migrations
+    from metering.db.engine import make_engine
+    from metering.simulate.backfill import BackfillError, BackfillPlan, backfill
+    from metering.simulate.model import SEED_MONTH_DAYS, SEED_MONTH_EVENTS
+
+    events = args.events
+    if events is None:
+        events = round(SEED_MONTH_EVENTS * args.days / SEED_MONTH_DAYS)
+    plan = BackfillPlan(
+        days=args.days,
+        events=events,
+        tenants=args.tenants,
+        seed=args.seed,
+        end=args.end or datetime.now(UTC),
+    )
+    try:
+        plan.validate(datetime.now(UTC))
+    except BackfillError as exc:
+        print(f"metering simulate: {exc}", file=sys.stderr)
+        return 2
+    lock = None
+    if settings.uses_chdb:
+        lock = lock_or_explain(settings.data_dir)
+        if lock is None:
+            return 1
+    try:
+        engine = make_engine(settings.resolved_database_url)
+        ch = make_client(settings.resolved_clickhouse_url, settings.clickhouse_database)
+        relational_migrations.upgrade(engine)
+        ch_migrations.migrate(ch)
+        started = time.perf_counter()
+
+        def progress(done: int, total: int) -> None:
+            elapsed = time.perf_counter() - started
+            print(
+                f"  {done:,}/{total:,} events ({done / elapsed:,.0f}/s)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        try:
+            report = backfill(ch, engine, plan, progress=progress)
+        except BackfillError as exc:
+            print(f"metering simulate: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            engine.dispose()
+        start = datetime.fromtimestamp(plan.start_ms / 1000, UTC)
+        print(
+            f"backfill {plan.prefix}: {report.events:,} events, {report.probes:,} probes, "
+            f"{report.tenants:,} tenants / {report.projects:,} projects, "
+            f"{start:%Y-%m-%d %H:%M:%S} .. {plan.end.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC, "
+            f"{report.seconds:.1f} s "
+            f"({report.rows_per_second:,.0f} events/s)"
+        )
+        if not settings.uses_chdb:
+            print(
+                "note: restart any running `metering serve` on this ClickHouse so that its "
+                "dedup gate learns the new ids"
+            )
+        return 0
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _simulate_live(args: argparse.Namespace) -> int:
+    from metering.client import MeteringClient
+    from metering.simulate.live import live
+
+    if args.rate <= 0 or args.duration <= 0 or args.tenants < 1:
+        print(
+            "metering simulate: --rate and --duration must be > 0, --tenants >= 1", file=sys.stderr
+        )
+        return 2
+    sender = MeteringClient(args.url, args.key, max_batch=1000, flush_interval=1.0)
+    try:
+        report = live(
+            sender, rate=args.rate, duration=args.duration, seed=args.seed, tenants=args.tenants
+        )
+    except KeyboardInterrupt:
+        sender.close(timeout=10.0)
+        print("metering simulate: interrupted", file=sys.stderr)
+        return 130
+    sender.close(timeout=30.0)
+    stats = sender.stats()
+    print(
+        f"live: {report.generated_events:,} events and {report.generated_probes:,} probes in "
+        f"{report.seconds:.1f} s; sent {stats.get('sent', 0):,}, "
+        f"accepted {stats.get('accepted', 0):,}, duplicates {stats.get('duplicates', 0):,}, "
+        f"rejected {stats.get('rejected', 0):,}, dead-lettered "
+        f"{stats.get('dead_lettered', 0):,}, pending {stats.get('pending', 0):,}"
+    )
+    return 0 if not stats.get("rejected") and not stats.get("dead_lettered") else 1
 
 
 if __name__ == "__main__":

@@ -34,6 +34,14 @@ class Settings(BaseSettings):
     spool_max_bytes: int = Field(default=2 * 1024**3, ge=1024 * 1024)
     spool_fsync: Literal["always", "never"] = "always"
     probe_interval_seconds: float = Field(default=30.0, gt=0)
+    # Request bodies held at once by the ingest endpoints (read + decompressed).
+    ingest_body_budget_bytes: int = Field(default=256 * 1024**2, ge=1024 * 1024)
+    # HTTP connection limits (metering.http.protocol): request head size, idle keep-alive,
+    # head deadline from its first byte, body stall (no byte while the server reads).
+    http_max_header_bytes: int = Field(default=64 * 1024, ge=8 * 1024)
+    http_keep_alive_seconds: float = Field(default=5.0, gt=0)
+    http_header_timeout_seconds: float = Field(default=10.0, gt=0)
+    http_body_timeout_seconds: float = Field(default=15.0, gt=0)
 
     @field_validator("clickhouse_database")
     @classmethod

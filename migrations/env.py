@@ -8,7 +8,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from metering.db.engine import make_engine
-from metering.db.metadata import metadata
+from metering.metadata import metadata
 from metering.settings import Settings
 
 config = context.config

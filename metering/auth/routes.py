@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Response
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from fastapi import APIRouter, Response
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from metering.auth import service as auth
+from metering.auth.deps import Admin, AuthStateDep
 from metering.auth.models import ApiKey
-from metering.deps import Admin, ServicesDep, SessionDep
+from metering.db.deps import SessionDep
+from metering.errors import ApiError, error_responses
 
 router = APIRouter(prefix="/v1/api-keys", tags=["api keys"])
 
@@ -20,9 +22,22 @@ TenantId = Annotated[
 
 
 class ApiKeyCreate(BaseModel):
+    # The rule of the validator below, in the schema: no tenant_id, or only "read" scopes.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"properties": {"tenant_id": {"type": "null"}}},
+                {"properties": {"scopes": {"items": {"const": "read"}}}},
+            ]
+        }
+    )
+
     scopes: list[Literal["ingest", "read", "admin"]] = Field(min_length=1)
-    tenant_id: TenantId | None = None
-    name: str | None = Field(default=None, max_length=200)
+    tenant_id: TenantId | None = Field(
+        default=None, description='binds a key with scopes ["read"] to one tenant\'s data'
+    )
+    # PostgreSQL text cannot hold NUL.
+    name: str | None = Field(default=None, max_length=200, pattern=r"^[^\x00]*$")
 
     @model_validator(mode="after")
     def _only_read_keys_bind_to_a_tenant(self) -> ApiKeyCreate:
@@ -37,8 +52,8 @@ class ApiKeyOut(BaseModel):
     scopes: list[str]
     tenant_id: str | None
     name: str | None
-    created_at: datetime
-    revoked_at: datetime | None
+    created_at: AwareDatetime
+    revoked_at: AwareDatetime | None
 
 
 class ApiKeyCreated(ApiKeyOut):
@@ -61,21 +76,32 @@ def _out(row: ApiKey) -> dict[str, object]:
     }
 
 
-@router.post("", status_code=201, response_model=ApiKeyCreated)
+@router.post(
+    "", status_code=201, response_model=ApiKeyCreated, responses=error_responses(400, 401, 403)
+)
 def create_api_key(body: ApiKeyCreate, session: SessionDep, _: Admin) -> ApiKeyCreated:
     row, secret = auth.create_key(session, list(body.scopes), body.tenant_id, body.name)
     return ApiKeyCreated(key=secret, **_out(row))
 
 
-@router.get("", response_model=ApiKeyList)
+@router.get("", response_model=ApiKeyList, responses=error_responses(401, 403))
 def list_api_keys(session: SessionDep, _: Admin) -> ApiKeyList:
     return ApiKeyList(api_keys=[ApiKeyOut(**_out(r)) for r in auth.list_keys(session)])
 
 
-@router.delete("/{key_id}", status_code=204, response_class=Response)
-def revoke_api_key(key_id: str, session: SessionDep, services: ServicesDep, _: Admin) -> Response:
-    if not auth.revoke_key(session, key_id):
-        raise HTTPException(404, f"no API key {key_id}")
+_KEY_ID = re.compile(r"key_[0-9a-f]{24}")
+
+
+@router.delete(
+    "/{key_id}",
+    status_code=204,
+    response_class=Response,
+    responses=error_responses(401, 403, 404),
+)
+def revoke_api_key(key_id: str, session: SessionDep, state: AuthStateDep, _: Admin) -> Response:
+    # An id that cannot be a key's is not looked up (nor sent to the database as is).
+    if not _KEY_ID.fullmatch(key_id) or not auth.revoke_key(session, key_id):
+        raise ApiError(404, "key_id: no such API key")
     session.commit()
-    services.key_cache.forget_key(key_id)
+    state.key_cache.forget_key(key_id)
     return Response(status_code=204)

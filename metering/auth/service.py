@@ -28,6 +28,10 @@ ALL_SCOPES: frozenset[str] = frozenset({"ingest", "read", "admin"})
 KEY_PREFIX = "mk_"
 
 
+class TenantForbidden(PermissionError):
+    """A tenant-bound key asked for another tenant's data; the app answers 403."""
+
+
 @dataclass(frozen=True)
 class Principal:
     kind: Literal["admin", "key"]
@@ -44,11 +48,11 @@ class Principal:
 
     def tenant_scope(self, requested: str | None) -> str | None:
         """The tenant whose data a read may see: a bound key sees only its own tenant
-        (PermissionError if it asks for another), the admin whatever it asks for."""
+        (TenantForbidden if it asks for another), the admin whatever it asks for."""
         if self.tenant_id is None:
             return requested
         if requested is not None and requested != self.tenant_id:
-            raise PermissionError("this key may read only its own tenant's data")
+            raise TenantForbidden("this key may read only its own tenant's data")
         return self.tenant_id
 
 

@@ -2,18 +2,52 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated, Protocol, cast
+
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from metering import metrics
-from metering.deps import ServicesDep
+from metering.ingest.spool import Spool
 
 router = APIRouter(tags=["health"])
 
 
+class _Stream(Protocol):
+    @property
+    def spool(self) -> Spool: ...
+
+
+class HealthState(Protocol):
+    """What the health routes need of the running service."""
+
+    ready: bool
+    startup_error: str | None
+
+    @property
+    def waiting_for(self) -> str | None: ...
+
+    @property
+    def events(self) -> _Stream: ...
+
+    @property
+    def probes(self) -> _Stream: ...
+
+    def check(self) -> dict[str, str]: ...
+
+
+def _state(request: Request) -> HealthState:
+    return cast(HealthState, request.app.state.services)
+
+
+ServicesDep = Annotated[HealthState, Depends(_state)]
+
+
 @router.get("/healthz", summary="200 while the process is up")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
+    # async: answered on the event loop, no hop to a worker thread (it must stay fast
+    # while the loop is busy with ingest)
     return {"status": "ok"}
 
 
@@ -24,12 +58,22 @@ def healthz() -> dict[str, str]:
 )
 def readyz(services: ServicesDep) -> JSONResponse:
     if not services.ready:
-        reason = services.startup_error or "starting: applying migrations and replaying spool"
+        reason = (
+            services.startup_error
+            or services.waiting_for  # a store unreachable: "clickhouse: ..." (retrying)
+            or "starting: applying migrations and replaying spool"
+        )
         return JSONResponse({"status": "starting", "reason": reason}, status_code=503)
     problems = services.check()
     if problems:
         return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
     return JSONResponse({"status": "ready"})
+
+
+# HEAD answers like GET (the server sends no body); left out of the schema, where
+# HEAD is implied by GET.
+router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+router.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
 
 
 @router.get("/metrics", summary="Prometheus text exposition", response_class=Response)

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from metering.auth.service import ADMIN, Principal
+from metering.auth.service import ADMIN, Principal, TenantForbidden
 from metering.services import Services
 
 PROTECTED = [
@@ -36,7 +36,10 @@ def test_missing_token_is_401(client: TestClient, method: str, path: str, body: 
     response = client.request(method, path, json=body)
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == "Bearer"
-    assert "bearer token" in response.json()["error"]
+    assert response.json() == {
+        "error": "authorization: missing bearer token (Authorization: Bearer <token>)",
+        "errors": ["authorization: missing bearer token (Authorization: Bearer <token>)"],
+    }
 
 
 @pytest.mark.parametrize(("method", "path", "body"), PROTECTED)
@@ -44,6 +47,8 @@ def test_unknown_token_is_401(client: TestClient, method: str, path: str, body: 
     for token in ("nope", "mk_not-a-real-key", "Basic abc"):
         response = client.request(method, path, json=body, headers=bearer(token))
         assert response.status_code == 401, token
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert response.json()["errors"] == ["authorization: unknown or revoked token"]
     response = client.request(method, path, json=body, headers={"Authorization": "Basic abc"})
     assert response.status_code == 401
 
@@ -59,7 +64,10 @@ def test_scopes_matrix(client: TestClient, admin_headers: dict[str, str]) -> Non
         )
     denied = client.post("/v1/events", json={"events": []}, headers=bearer(read))
     assert denied.status_code == 403
-    assert "ingest" in denied.json()["error"]
+    assert denied.json() == {
+        "error": "authorization: this key lacks the ingest scope",
+        "errors": ["authorization: this key lacks the ingest scope"],
+    }
 
     for key in (ingest, read):
         assert client.get("/v1/api-keys", headers=bearer(key)).status_code == 403
@@ -97,7 +105,10 @@ def test_revoked_key_is_refused_at_once(client: TestClient, admin_headers: dict[
     assert response.status_code == 401
     listed = client.get("/v1/api-keys", headers=admin_headers).json()["api_keys"]
     assert listed[0]["revoked_at"] is not None
-    assert client.delete("/v1/api-keys/key_missing", headers=admin_headers).status_code == 404
+    for missing in ("key_missing", "key_" + "0" * 24):
+        response = client.delete(f"/v1/api-keys/{missing}", headers=admin_headers)
+        assert response.status_code == 404
+        assert response.json()["errors"] == ["key_id: no such API key"]
 
 
 def test_only_read_keys_bind_to_a_tenant(client: TestClient, admin_headers: dict[str, str]) -> None:
@@ -106,14 +117,16 @@ def test_only_read_keys_bind_to_a_tenant(client: TestClient, admin_headers: dict
     response = client.post(
         "/v1/api-keys", json={"scopes": ["ingest"], "tenant_id": "acct-1"}, headers=admin_headers
     )
-    assert response.status_code == 422
-    assert response.json()["errors"] == [
-        'tenant_id: only keys with scopes ["read"] can be bound to a tenant'
-    ]
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": 'tenant_id: only keys with scopes ["read"] can be bound to a tenant',
+        "errors": ['tenant_id: only keys with scopes ["read"] can be bound to a tenant'],
+    }
     response = client.post("/v1/api-keys", json={"scopes": ["owner"]}, headers=admin_headers)
-    assert response.status_code == 422
+    assert response.status_code == 400
     assert response.json()["errors"][0].startswith("scopes[0]:")
     response = client.post("/v1/api-keys", json={"scopes": []}, headers=admin_headers)
+    assert response.status_code == 400
     assert response.json()["errors"][0].startswith("scopes:")
 
 
@@ -121,7 +134,7 @@ def test_tenant_bound_principal_sees_only_its_tenant() -> None:
     bound = Principal("key", frozenset({"read"}), tenant_id="acct-1", key_id="k")
     assert bound.tenant_scope(None) == "acct-1"
     assert bound.tenant_scope("acct-1") == "acct-1"
-    with pytest.raises(PermissionError):
+    with pytest.raises(TenantForbidden):
         bound.tenant_scope("acct-2")
     assert ADMIN.tenant_scope(None) is None
     assert ADMIN.tenant_scope("acct-2") == "acct-2"

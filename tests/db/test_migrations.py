@@ -10,7 +10,7 @@ from sqlalchemy import inspect
 
 from metering.db import migrations as relational_migrations
 from metering.db.engine import make_engine
-from metering.db.metadata import metadata
+from metering.metadata import metadata
 
 
 def _diff(engine):  # type: ignore[no-untyped-def]
