@@ -17,7 +17,7 @@ from typing import Any, Self
 import httpx
 
 from metering.client.core import Core
-from metering.client.frontend import JSON_HEADERS, ClientBase
+from metering.client.frontend import JSON_HEADERS, STOP, ClientBase
 from metering.client.records import (
     DEFAULT_MAX_BATCH_BYTES,
     ErrorCallback,
@@ -54,7 +54,7 @@ class AsyncMeteringClient(ClientBase):
         transport: httpx.AsyncBaseTransport | None = None,
         on_error: ErrorCallback | None = None,
     ) -> None:
-        self._make_core(
+        core = Core(
             max_batch=max_batch,
             max_batch_bytes=max_batch_bytes,
             flush_interval=flush_interval,
@@ -64,26 +64,19 @@ class AsyncMeteringClient(ClientBase):
             max_retries=max_retries,
             backoff_base=backoff_base,
             backoff_max=backoff_max,
-            on_error=on_error,
         )
+        super().__init__(core, on_error)
         self._work = asyncio.Event()
         self._progress = asyncio.Event()  # replaced on every pulse; waiters hold the old one
-        self._closing = False
-        self._closed = False
-        self._abort = False
-        self._failure: BaseException | None = None
         self._task: asyncio.Task[None] | None = None
-        self._clean: bool | None = None  # aclose() result, once closed
-        try:
-            self._http = httpx.AsyncClient(
+        self._http = self._open(
+            lambda: httpx.AsyncClient(
                 base_url=base_url,
                 headers=self._headers(api_key),
                 timeout=timeout,
                 transport=transport,
             )
-        except BaseException:
-            self._core.shutdown()
-            raise
+        )
         with contextlib.suppress(RuntimeError):
             asyncio.get_running_loop()
             self._ensure_started()
@@ -109,20 +102,11 @@ class AsyncMeteringClient(ClientBase):
         deadline = None if timeout is None else time.monotonic() + timeout
         target = self._core.flush_target()
         self._work.set()
-        while not self._core.flushed(target):
-            self._raise_if_failed()
-            if self._closed:
-                return False
-            pulse = self._progress
-            if deadline is None:
-                await pulse.wait()
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(pulse.wait(), remaining)
-        return True
+        while True:
+            result, wait = self._flush_step(target, deadline)
+            if result is not None:
+                return result
+            await _wait(self._progress, wait)
 
     async def aclose(self, timeout: float | None = None) -> bool:
         """Flush, then stop the worker task; same timeout semantics as ``MeteringClient.close``."""
@@ -130,8 +114,7 @@ class AsyncMeteringClient(ClientBase):
             while self._clean is None:
                 await self._progress.wait()
             return self._clean
-        self._closing = True
-        self._core.begin_close()
+        self._begin_close()
         clean = True
         if self._task is None and not self._core.idle():
             self._ensure_started()
@@ -143,12 +126,7 @@ class AsyncMeteringClient(ClientBase):
                 self._abort = True
                 self._task.cancel()  # interrupts the in-flight request; the batch stays current
                 await asyncio.wait({self._task})
-        if not self._core.idle():
-            clean = False
-            self._core.abandon()
-        dead = self._core.take_dead_letters()
-        self._core.shutdown()
-        self._closed = True
+        clean, dead = self._end_close(clean)
         self._clean = clean
         self._pulse()
         self._call_on_error(dead)
@@ -173,10 +151,6 @@ class AsyncMeteringClient(ClientBase):
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _raise_if_failed(self) -> None:
-        if self._failure is not None:
-            raise RuntimeError("metering worker died") from self._failure
-
     def _ensure_started(self) -> None:
         if self._task is None and not self._closed:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="metering-client")
@@ -189,12 +163,8 @@ class AsyncMeteringClient(ClientBase):
         may_block = asyncio.current_task() is not self._task
         pos = 0
         while True:
-            if self._closing:
-                raise RuntimeError("metering client is closed")
-            self._raise_if_failed()
             self._ensure_started()
-            taken, wake = self._core.offer(kind, items[pos:], time.monotonic(), may_block=may_block)
-            pos += taken
+            pos, wake = self._offer(kind, items, pos, may_block)
             if wake:
                 self._work.set()
             if pos >= len(items):
@@ -203,36 +173,36 @@ class AsyncMeteringClient(ClientBase):
 
     async def _next_batch(self) -> Batch | None:
         while True:
-            if self._abort:
-                return None
             self._work.clear()
-            act = self._core.next_action(time.monotonic())
+            act = self._worker_step()
+            if act is STOP:
+                return None
             if isinstance(act, Batch):
                 return act
-            if self._closing and self._core.idle():
-                return None
-            if act is None:
-                await self._work.wait()
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._work.wait(), act)
+            await _wait(self._work, act)
 
     async def _run(self) -> None:
         try:
             while (batch := await self._next_batch()) is not None:
+                answer: httpx.Response | Exception
                 try:
-                    resp = await self._http.post(
+                    answer = await self._http.post(
                         Core.request_path(batch), content=batch.body, headers=JSON_HEADERS
                     )
                 except Exception as exc:
-                    self._core.on_failure(batch, exc, time.monotonic())
-                else:
-                    self._core.on_response(
-                        batch, resp.status_code, resp.headers, resp.content, time.monotonic()
-                    )
-                self._call_on_error(self._core.take_dead_letters())
+                    answer = exc
+                self._call_on_error(self._settle(batch, answer))
                 self._pulse()
         except Exception as exc:
             logger.critical("metering: worker task died", exc_info=True)
             self._failure = exc
             self._pulse()
+
+
+async def _wait(event: asyncio.Event, timeout: float | None) -> None:
+    """Until ``event`` is set, or ``timeout`` seconds passed (None: no limit)."""
+    if timeout is None:
+        await event.wait()
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)

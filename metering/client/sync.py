@@ -19,7 +19,7 @@ from typing import Any, Self
 import httpx
 
 from metering.client.core import Core
-from metering.client.frontend import JSON_HEADERS, ClientBase
+from metering.client.frontend import JSON_HEADERS, STOP, ClientBase
 from metering.client.records import (
     DEFAULT_MAX_BATCH_BYTES,
     ErrorCallback,
@@ -57,7 +57,7 @@ class MeteringClient(ClientBase):
         transport: httpx.BaseTransport | None = None,
         on_error: ErrorCallback | None = None,
     ) -> None:
-        self._make_core(
+        core = Core(
             max_batch=max_batch,
             max_batch_bytes=max_batch_bytes,
             flush_interval=flush_interval,
@@ -67,28 +67,21 @@ class MeteringClient(ClientBase):
             max_retries=max_retries,
             backoff_base=backoff_base,
             backoff_max=backoff_max,
-            on_error=on_error,
         )
+        super().__init__(core, on_error)
         self._timeout = timeout
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # worker waits here
         self._progress = threading.Condition(self._lock)  # send/flush wait here
-        self._closing = False
-        self._closed = False
-        self._abort = False
-        self._failure: BaseException | None = None
-        self._close_lock = threading.Lock()
-        self._clean: bool | None = None  # close() result, once closed
-        try:
-            self._http = httpx.Client(
+        self._close_lock = threading.Lock()  # a second close() waits for the first
+        self._http = self._open(
+            lambda: httpx.Client(
                 base_url=base_url,
                 headers=self._headers(api_key),
                 timeout=timeout,
                 transport=transport,
             )
-        except BaseException:
-            self._core.shutdown()
-            raise
+        )
         self._thread = threading.Thread(target=self._run, name="metering-client", daemon=True)
         self._thread.start()
         atexit.register(self._close_at_exit)
@@ -118,15 +111,11 @@ class MeteringClient(ClientBase):
         with self._lock:
             target = self._core.flush_target()
             self._work.notify()
-            while not self._core.flushed(target):
-                self._raise_if_failed()
-                if self._closed:
-                    return False
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._progress.wait(remaining)
-            return True
+            while True:
+                result, wait = self._flush_step(target, deadline)
+                if result is not None:
+                    return result
+                self._progress.wait(wait)
 
     def close(self, timeout: float | None = None) -> bool:
         """Flush, then stop the worker.  Idempotent.
@@ -144,8 +133,7 @@ class MeteringClient(ClientBase):
 
     def _close(self, timeout: float | None) -> bool:
         with self._lock:
-            self._closing = True
-            self._core.begin_close()
+            self._begin_close()
             self._work.notify()
         atexit.unregister(self._close_at_exit)
         self._thread.join(timeout)
@@ -156,12 +144,7 @@ class MeteringClient(ClientBase):
                 self._work.notify()
             self._thread.join()
         with self._lock:
-            if not self._core.idle():
-                clean = False
-                self._core.abandon()
-            dead = self._core.take_dead_letters()
-            self._core.shutdown()
-            self._closed = True
+            clean, dead = self._end_close(clean)
             self._progress.notify_all()
         self._call_on_error(dead)
         self._http.close()
@@ -188,22 +171,12 @@ class MeteringClient(ClientBase):
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _raise_if_failed(self) -> None:
-        if self._failure is not None:
-            raise RuntimeError("metering worker died") from self._failure
-
     def _submit(self, kind: Kind, items: list[Item]) -> None:
         may_block = threading.current_thread() is not self._thread
         pos = 0
         with self._lock:
             while True:
-                if self._closing:
-                    raise RuntimeError("metering client is closed")
-                self._raise_if_failed()
-                taken, wake = self._core.offer(
-                    kind, items[pos:], time.monotonic(), may_block=may_block
-                )
-                pos += taken
+                pos, wake = self._offer(kind, items, pos, may_block)
                 if wake:
                     self._work.notify()
                 if pos >= len(items):
@@ -213,32 +186,25 @@ class MeteringClient(ClientBase):
     def _next_batch(self) -> Batch | None:
         with self._lock:
             while True:
-                if self._abort:
+                act = self._worker_step()
+                if act is STOP:
                     return None
-                act = self._core.next_action(time.monotonic())
                 if isinstance(act, Batch):
                     return act
-                if self._closing and self._core.idle():
-                    return None
                 self._work.wait(act)
 
     def _run(self) -> None:
         try:
             while (batch := self._next_batch()) is not None:
+                answer: httpx.Response | Exception
                 try:
-                    resp = self._http.post(
+                    answer = self._http.post(
                         Core.request_path(batch), content=batch.body, headers=JSON_HEADERS
                     )
                 except Exception as exc:
-                    with self._lock:
-                        self._core.on_failure(batch, exc, time.monotonic())
-                else:
-                    with self._lock:
-                        self._core.on_response(
-                            batch, resp.status_code, resp.headers, resp.content, time.monotonic()
-                        )
+                    answer = exc
                 with self._lock:
-                    dead = self._core.take_dead_letters()
+                    dead = self._settle(batch, answer)
                     self._progress.notify_all()
                 self._call_on_error(dead)
         except BaseException as exc:

@@ -9,6 +9,7 @@ alone decides validity; the explainers only word it, so the fast and the slow pa
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from itertools import chain
 from operator import attrgetter
@@ -31,6 +32,8 @@ from metering.ingest.structs import (
 
 _ACCOUNT_RE = re.compile(ACCOUNT_PATTERN)
 _PROVIDER_RE = re.compile(PROVIDER_PATTERN)
+_ACCOUNT_CHARSET = "[A-Za-z0-9_.:-]"  # ACCOUNT_PATTERN's characters, as the errors word them
+_PROVIDER_CHARSET = "[a-z0-9_-]"  # PROVIDER_PATTERN's
 _MISSING = object()
 # At most this many reasons are listed per rejected item (the first ones found).
 MAX_ITEM_ERRORS = 20
@@ -65,86 +68,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _check_str(
-    errors: list[str],
-    name: str,
-    value: Any,
-    *,
-    required: bool,
-    min_len: int = 0,
-    max_len: int,
-    pattern: re.Pattern[str] | None = None,
-    charset: str = "",
-) -> None:
-    if value is _MISSING or (value is None and not required):
-        if required:
-            errors.append(f"{name}: required")
-        return
-    if not isinstance(value, str):
-        errors.append(f"{name}: must be a string")
-        return
-    if len(value) < min_len:
-        errors.append(f"{name}: must not be empty")
-    elif len(value) > max_len:
-        errors.append(f"{name}: must be at most {max_len} characters")
-    if pattern is not None and value and not pattern.match(value):
-        errors.append(f"{name}: must contain only {charset}")
+# ---------------------------------------------------------------------------------------
+# Checking decoded items: what msgspec does not check itself.
 
-
-def _check_int(
-    errors: list[str],
-    name: str,
-    value: Any,
-    *,
-    required: bool,
-    ge: int | None = None,
-    le: int | None = None,
-) -> None:
-    if value is _MISSING or (value is None and not required):
-        if required:
-            errors.append(f"{name}: required")
-        return
-    if not _is_int(value):
-        errors.append(f"{name}: must be an integer")
-        return
-    if ge is not None and value < ge:
-        errors.append(f"{name}: must be >= {ge}")
-    if le is not None and value > le:
-        errors.append(f"{name}: must be <= {le}")
-
-
-def _check_latency(errors: list[str], name: str, value: Any) -> None:
-    if value is _MISSING:
-        errors.append(f"{name}: required")
-    elif not _is_number(value):
-        errors.append(f"{name}: must be a number")
-    elif value < 0:
-        errors.append(f"{name}: must be >= 0")
-    elif value > MAX_LATENCY_MS:
-        errors.append(f"{name}: {LATENCY_RULE}")
-
-
-def _check_timestamp(errors: list[str], value: Any) -> None:
-    if value is _MISSING:
-        errors.append("timestamp: required")
-        return
-    if not isinstance(value, str):
-        errors.append("timestamp: must be an RFC 3339 string with a UTC offset")
-        return
-    parsed = parse_timestamp(value)
-    if parsed is None:
-        errors.append("timestamp: must be an RFC 3339 timestamp, e.g. 2026-11-27T10:00:00Z")
-        return
-    if parsed.tzinfo is None:
-        errors.append("timestamp: must include a UTC offset (Z or +hh:mm)")
-        return
-    window_error = timestamp_window_error(parsed, *window(datetime.now(UTC)))
-    if window_error:
-        errors.append(window_error)
-
-
-_ACCOUNT_RULE = "must contain only [A-Za-z0-9_.:-]"
-_PROVIDER_RULE = "must contain only [a-z0-9_-]"
+_ACCOUNT_RULE = f"must contain only {_ACCOUNT_CHARSET}"
+_PROVIDER_RULE = f"must contain only {_PROVIDER_CHARSET}"
 # Values already seen to match their character set (bounded; cleared when large).
 _good_accounts: set[str] = set()
 _good_providers: set[str] = set()
@@ -242,131 +170,204 @@ def timestamp_window_error(ts: datetime, lo: datetime, hi: datetime) -> str | No
     return None
 
 
-def _check_fallback(errors: list[str], prefix: str, item: Any) -> None:
-    if not isinstance(item, dict):
-        errors.append(f"{prefix}: must be an object")
+# ---------------------------------------------------------------------------------------
+# Explaining: one rule per field, shared by events, probes and fallbacks.
+
+# A rule words what is wrong with one field's raw value (`_MISSING` when the key is
+# absent) as "name: rule" into `errors`.
+_Rule = Callable[[list[str], str, Any], None]
+_Fields = tuple[tuple[str, _Rule], ...]
+
+
+def _absent(errors: list[str], name: str, value: Any, *, required: bool, nullable: bool) -> bool:
+    """Whether `value` counts as absent (a missing key, or null where `nullable`); an
+    absent required field is noted."""
+    if value is _MISSING or (value is None and nullable):
+        if required:
+            errors.append(f"{name}: required")
+        return True
+    return False
+
+
+def _string(
+    *,
+    required: bool = False,
+    nullable: bool = False,
+    min_len: int = 0,
+    max_len: int,
+    pattern: re.Pattern[str] | None = None,
+    charset: str = "",
+) -> _Rule:
+    """A string field; `nullable`: an optional field whose null counts as absent."""
+
+    def rule(errors: list[str], name: str, value: Any) -> None:
+        if _absent(errors, name, value, required=required, nullable=nullable):
+            return
+        if not isinstance(value, str):
+            errors.append(f"{name}: must be a string")
+            return
+        if len(value) < min_len:
+            errors.append(f"{name}: must not be empty")
+        elif len(value) > max_len:
+            errors.append(f"{name}: must be at most {max_len} characters")
+        if pattern is not None and value and not pattern.match(value):
+            errors.append(f"{name}: must contain only {charset}")
+
+    return rule
+
+
+def _integer(
+    *, required: bool = False, nullable: bool = False, ge: int | None = None, le: int | None = None
+) -> _Rule:
+    """An integer field (not a bool); `nullable` as for `_string`."""
+
+    def rule(errors: list[str], name: str, value: Any) -> None:
+        if _absent(errors, name, value, required=required, nullable=nullable):
+            return
+        if not _is_int(value):
+            errors.append(f"{name}: must be an integer")
+            return
+        if ge is not None and value < ge:
+            errors.append(f"{name}: must be >= {ge}")
+        if le is not None and value > le:
+            errors.append(f"{name}: must be <= {le}")
+
+    return rule
+
+
+def _latency(errors: list[str], name: str, value: Any) -> None:
+    if value is _MISSING:
+        errors.append(f"{name}: required")
+    elif not _is_number(value):
+        errors.append(f"{name}: must be a number")
+    elif value < 0:
+        errors.append(f"{name}: must be >= 0")
+    elif value > MAX_LATENCY_MS:
+        errors.append(f"{name}: {LATENCY_RULE}")
+
+
+def _timestamp_rule(errors: list[str], name: str, value: Any) -> None:
+    if value is _MISSING:
+        errors.append(f"{name}: required")
         return
-    g = item.get
-    _check_str(
-        errors,
-        f"{prefix}.provider",
-        g("provider", _MISSING),
-        required=True,
-        min_len=1,
-        max_len=64,
-        pattern=_PROVIDER_RE,
-        charset="[a-z0-9_-]",
-    )
-    _check_latency(errors, f"{prefix}.latency_ms", g("latency_ms", _MISSING))
-    _check_str(errors, f"{prefix}.model", g("model", _MISSING), required=False, max_len=128)
-    _check_str(errors, f"{prefix}.region", g("region", _MISSING), required=False, max_len=64)
-    _check_str(
-        errors, f"{prefix}.error_type", g("error_type", _MISSING), required=False, max_len=64
-    )
-    _check_int(
-        errors, f"{prefix}.http_status", g("http_status", _MISSING), required=False, ge=100, le=599
-    )
+    if not isinstance(value, str):
+        errors.append(f"{name}: must be an RFC 3339 string with a UTC offset")
+        return
+    parsed = parse_timestamp(value)
+    if parsed is None:
+        errors.append(f"{name}: must be an RFC 3339 timestamp, e.g. 2026-11-27T10:00:00Z")
+        return
+    if parsed.tzinfo is None:
+        errors.append(f"{name}: must include a UTC offset (Z or +hh:mm)")
+        return
+    window_error = timestamp_window_error(parsed, *window(datetime.now(UTC)))
+    if window_error:
+        errors.append(window_error)
+
+
+def _status(errors: list[str], name: str, value: Any) -> None:
+    if value is _MISSING:
+        errors.append(f"{name}: required")
+    elif value not in ("ok", "error"):
+        errors.append(f'{name}: must be "ok" or "error"')
+
+
+def _boolean(errors: list[str], name: str, value: Any) -> None:
+    if value is _MISSING:
+        errors.append(f"{name}: required")
+    elif not isinstance(value, bool):
+        errors.append(f"{name}: must be true or false")
+
+
+def _check_fields(errors: list[str], prefix: str, item: dict[str, Any], fields: _Fields) -> None:
+    """Every rule of `fields`, in order, on `item`'s values (names prefixed by `prefix`)."""
+    get = item.get
+    for name, rule in fields:
+        rule(errors, prefix + name, get(name, _MISSING))
+
+
+def _fallbacks_rule(errors: list[str], name: str, value: Any) -> None:
+    if value is _MISSING:
+        return
+    if not isinstance(value, list):
+        errors.append(f"{name}: must be a list")
+        return
+    # decode.py hands over at most MAX_FALLBACKS + 1 attempts (enough to tell that there
+    # are too many); only the first MAX_FALLBACKS are explained.
+    if len(value) > MAX_FALLBACKS:
+        errors.append(FALLBACKS_RULE)
+    for i, fallback in enumerate(value[:MAX_FALLBACKS]):
+        if isinstance(fallback, dict):
+            _check_fields(errors, f"{name}[{i}].", fallback, _FALLBACK_FIELDS)
+        else:
+            errors.append(f"{name}[{i}]: must be an object")
+
+
+# The fields' rules in the order their errors are listed; they mirror structs.py
+# (`nullable` where the struct says `| None`).
+_ID = _string(required=True, min_len=1, max_len=128)
+_ACCOUNT = _string(
+    required=True, min_len=1, max_len=64, pattern=_ACCOUNT_RE, charset=_ACCOUNT_CHARSET
+)
+_PROVIDER = _string(
+    required=True, min_len=1, max_len=64, pattern=_PROVIDER_RE, charset=_PROVIDER_CHARSET
+)
+_SHORT = _string(nullable=True, max_len=64)
+_HTTP_STATUS = _integer(nullable=True, ge=100, le=599)
+_FALLBACK_FIELDS: _Fields = (
+    ("provider", _PROVIDER),
+    ("latency_ms", _latency),
+    ("model", _string(nullable=True, max_len=128)),
+    ("region", _SHORT),
+    ("error_type", _SHORT),
+    ("http_status", _HTTP_STATUS),
+)
+_EVENT_FIELDS: _Fields = (
+    ("event_id", _ID),
+    ("timestamp", _timestamp_rule),
+    ("tenant_id", _ACCOUNT),
+    ("project_id", _ACCOUNT),
+    ("api_key_id", _SHORT),
+    ("provider", _PROVIDER),
+    ("model", _string(required=True, min_len=1, max_len=128)),
+    ("region", _string(max_len=64)),
+    ("status", _status),
+    ("http_status", _HTTP_STATUS),
+    ("error_type", _SHORT),
+    ("queries", _integer(ge=1, le=MAX_QUERIES)),
+    ("documents", _integer(required=True, ge=0, le=100_000)),
+    ("input_tokens", _integer(required=True, ge=0, le=MAX_TOKENS)),
+    ("output_tokens", _integer(ge=0, le=MAX_TOKENS)),
+    ("latency_ms", _latency),
+    ("fallbacks", _fallbacks_rule),
+)
+_PROBE_FIELDS: _Fields = (
+    ("probe_id", _ID),
+    ("timestamp", _timestamp_rule),
+    ("provider", _PROVIDER),
+    ("region", _string(max_len=64)),
+    ("ok", _boolean),
+    ("latency_ms", _latency),
+    ("http_status", _HTTP_STATUS),
+    ("error", _string(nullable=True, max_len=1024)),
+)
+
+
+def _explain(what: str, fields: _Fields, item: Any) -> list[str]:
+    if not isinstance(item, dict):
+        return [f"{what}: must be a JSON object"]
+    errors: list[str] = []
+    _check_fields(errors, "", item, fields)
+    return errors[:MAX_ITEM_ERRORS]
 
 
 def explain_event(item: Any) -> list[str]:
     """Every contract rule the raw (JSON-decoded) event breaks (the first
     MAX_ITEM_ERRORS of them)."""
-    if not isinstance(item, dict):
-        return ["event: must be a JSON object"]
-    errors: list[str] = []
-    g = item.get
-    _check_str(errors, "event_id", g("event_id", _MISSING), required=True, min_len=1, max_len=128)
-    _check_timestamp(errors, g("timestamp", _MISSING))
-    for name in ("tenant_id", "project_id"):
-        _check_str(
-            errors,
-            name,
-            g(name, _MISSING),
-            required=True,
-            min_len=1,
-            max_len=64,
-            pattern=_ACCOUNT_RE,
-            charset="[A-Za-z0-9_.:-]",
-        )
-    _check_str(errors, "api_key_id", g("api_key_id", _MISSING), required=False, max_len=64)
-    _check_str(
-        errors,
-        "provider",
-        g("provider", _MISSING),
-        required=True,
-        min_len=1,
-        max_len=64,
-        pattern=_PROVIDER_RE,
-        charset="[a-z0-9_-]",
-    )
-    _check_str(errors, "model", g("model", _MISSING), required=True, min_len=1, max_len=128)
-    region = g("region", _MISSING)
-    if region is None:
-        errors.append("region: must be a string")
-    else:
-        _check_str(errors, "region", region, required=False, max_len=64)
-    status = g("status", _MISSING)
-    if status is _MISSING:
-        errors.append("status: required")
-    elif status not in ("ok", "error"):
-        errors.append('status: must be "ok" or "error"')
-    _check_int(errors, "http_status", g("http_status", _MISSING), required=False, ge=100, le=599)
-    _check_str(errors, "error_type", g("error_type", _MISSING), required=False, max_len=64)
-    for name, required, ge, le in (
-        ("queries", False, 1, MAX_QUERIES),
-        ("documents", True, 0, 100_000),
-        ("input_tokens", True, 0, MAX_TOKENS),
-        ("output_tokens", False, 0, MAX_TOKENS),
-    ):
-        value = g(name, _MISSING)
-        if value is None and not required:
-            errors.append(f"{name}: must be an integer")
-            continue
-        _check_int(errors, name, value, required=required, ge=ge, le=le)
-    _check_latency(errors, "latency_ms", g("latency_ms", _MISSING))
-    fallbacks = g("fallbacks", _MISSING)
-    if fallbacks is not _MISSING:
-        if not isinstance(fallbacks, list):
-            errors.append("fallbacks: must be a list")
-        else:
-            # decode.py hands over at most MAX_FALLBACKS + 1 attempts (enough to tell
-            # that there are too many); only the first MAX_FALLBACKS are explained.
-            if len(fallbacks) > MAX_FALLBACKS:
-                errors.append(FALLBACKS_RULE)
-            for i, fb in enumerate(fallbacks[:MAX_FALLBACKS]):
-                _check_fallback(errors, f"fallbacks[{i}]", fb)
-    return errors[:MAX_ITEM_ERRORS]
+    return _explain("event", _EVENT_FIELDS, item)
 
 
 def explain_probe(item: Any) -> list[str]:
-    """Every contract rule the raw (JSON-decoded) probe breaks."""
-    if not isinstance(item, dict):
-        return ["probe: must be a JSON object"]
-    errors: list[str] = []
-    g = item.get
-    _check_str(errors, "probe_id", g("probe_id", _MISSING), required=True, min_len=1, max_len=128)
-    _check_timestamp(errors, g("timestamp", _MISSING))
-    _check_str(
-        errors,
-        "provider",
-        g("provider", _MISSING),
-        required=True,
-        min_len=1,
-        max_len=64,
-        pattern=_PROVIDER_RE,
-        charset="[a-z0-9_-]",
-    )
-    region = g("region", _MISSING)
-    if region is None:
-        errors.append("region: must be a string")
-    else:
-        _check_str(errors, "region", region, required=False, max_len=64)
-    ok = g("ok", _MISSING)
-    if ok is _MISSING:
-        errors.append("ok: required")
-    elif not isinstance(ok, bool):
-        errors.append("ok: must be true or false")
-    _check_latency(errors, "latency_ms", g("latency_ms", _MISSING))
-    _check_int(errors, "http_status", g("http_status", _MISSING), required=False, ge=100, le=599)
-    _check_str(errors, "error", g("error", _MISSING), required=False, max_len=1024)
-    return errors[:MAX_ITEM_ERRORS]
+    """Every contract rule the raw (JSON-decoded) probe breaks (the first
+    MAX_ITEM_ERRORS of them)."""
+    return _explain("probe", _PROBE_FIELDS, item)
