@@ -44,7 +44,7 @@ SELECT
     concat('key-', leftPad(toString(h % {tenants:UInt64} + 1), 6, '0'), '-',
            toString(bitShiftRight(h, 40) % 3 + 1)),
     ['llmapi', 'cohere', 'azure', 'bedrock'][bitShiftRight(h, 20) % 4 + 1],
-    if(bitShiftRight(h, 24) % 8 = 0, 'rerank-3.5', 'rerank-4-pro'),
+    if(bitShiftRight(h, 24) % 8 = 0, 'rerank-3', 'rerank-4-pro'),
     ['global', 'global', 'us-east', 'us-west'][bitShiftRight(h, 20) % 4 + 1],
     if(number % 160 = 0, 'error', 'ok'),
     if(number % 160 = 0, 503, 200),

@@ -8,9 +8,10 @@ base, so one metadata and one Alembic history cover both.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, ClassVar
 
-from sqlalchemy import DateTime, Dialect, MetaData
+from sqlalchemy import DateTime, Dialect, MetaData, String
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
@@ -62,3 +63,25 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     # A `Mapped[datetime]` column without an explicit type is a UTCDateTime too.
     type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime}
+
+
+class DecimalText(TypeDecorator[Decimal]):
+    """An exact decimal, stored as its text.
+
+    SQLite has no exact decimal type (SQLAlchemy's Numeric goes through float there), and
+    money must never pass through a float. Text keeps every digit on both databases; the
+    values are never compared or summed in SQL (rating happens in Python).
+    """
+
+    impl = String(64)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, Decimal) or not value.is_finite():
+            raise ValueError(f"DecimalText needs a finite Decimal, got {value!r}")
+        return format(value, "f")
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        return None if value is None else Decimal(value)

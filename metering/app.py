@@ -22,6 +22,9 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from metering import __version__, metrics
+from metering.analytics.deps import AnalyticsState
+from metering.analytics.log_routes import router as log_router
+from metering.analytics.routes import router as figures_router
 from metering.auth.deps import AuthState
 from metering.auth.routes import router as api_keys_router
 from metering.auth.service import TenantForbidden
@@ -39,6 +42,7 @@ from metering.health.routes import router as health_router
 from metering.http.protocol import CLIENT_GONE, CLOSED_STATUS
 from metering.ingest.routes import IngestState
 from metering.ingest.routes import router as ingest_router
+from metering.prices.routes import router as prices_router
 from metering.scheduler import Scheduler
 from metering.services import Services
 from metering.settings import Settings
@@ -56,7 +60,8 @@ def _route_state(services: Services) -> Services:
     session: SessionState = services
     health: HealthState = services
     ingest: IngestState = services
-    del auth, session, health, ingest
+    analytics: AnalyticsState = services
+    del auth, session, health, ingest, analytics
     return services
 
 
@@ -182,7 +187,14 @@ def create_app(
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(TenantForbidden, _tenant_forbidden)
     app.add_exception_handler(Exception, _server_error)
-    for router in (health_router, api_keys_router, ingest_router):
+    for router in (
+        health_router,
+        api_keys_router,
+        ingest_router,
+        prices_router,
+        figures_router,
+        log_router,
+    ):
         app.include_router(router)
 
     @app.get("/", include_in_schema=False)

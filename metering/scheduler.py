@@ -30,7 +30,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from metering.ingest.pipeline import StreamPipeline
 from metering.ingest.store import EVENTS_TABLE, PROBES_TABLE, IngestStore, StreamTable
 from metering.probes.job import run_probes
-from metering.tenants.registration import register_from_clickhouse, register_pairs
+from metering.tenants.registration import register_from_clickhouse
 
 if TYPE_CHECKING:
     from metering.services import Services
@@ -102,9 +102,7 @@ def _drain(services: Services, pipeline: StreamPipeline[Any], table: StreamTable
         spool.dir,
         max_spool_bytes=spool.max_bytes,
         fsync=spool.fsync,
-        on_keys=(lambda pairs: register_pairs(services.engine, pairs))
-        if table is EVENTS_TABLE
-        else None,
+        on_keys=services.numbers.register if table is EVENTS_TABLE else None,
         store=IngestStore(services.ch, table),
     )
     try:

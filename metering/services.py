@@ -21,6 +21,8 @@ from clickhouse_connect.driver.client import Client
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from billing.prices.book import PriceBookCache
+from metering.analytics.deps import ReadPool
 from metering.auth.service import KeyCache
 from metering.clickhouse import migrations as ch_migrations
 from metering.clickhouse.client import check_url, make_client
@@ -32,7 +34,7 @@ from metering.ingest.spool import Unavailable
 from metering.ingest.store import EVENTS_TABLE, PROBES_TABLE, IngestStore
 from metering.ingest.structs import Event, Probe
 from metering.settings import Settings
-from metering.tenants.registration import register_pairs
+from metering.tenants.numbers import TenantNumbers
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ _event_key = attrgetter("tenant_id", "project_id")
 ClientFactory = Callable[[str, str], Client]
 FIRST_RETRY_DELAY = 1.0  # seconds; doubles after each failed start, up to the cap
 MAX_RETRY_DELAY = 30.0
+READ_CLIENTS = 4  # ClickHouse clients for concurrent reads (figures, request log)
 
 
 class StartupProblem(RuntimeError):
@@ -58,15 +61,28 @@ class Services:
     sessions: sessionmaker[Session]
     events: StreamPipeline[Event]
     probes: StreamPipeline[Probe]
+    numbers: TenantNumbers
     connect: ClientFactory = make_client
     started: bool = False  # writers running
     ready: bool = False  # started, and start-up hooks done: /readyz says 200
     startup_error: str | None = None  # start-up gave up (a hook failed)
     waiting_for: str | None = None  # why start-up is being retried, e.g. "clickhouse: ..."
     key_cache: KeyCache = field(default_factory=KeyCache)
+    prices: PriceBookCache = field(init=False)
+    reads: ReadPool = field(init=False)
     _ch: Client | None = None
     _stores: tuple[IngestStore, IngestStore] | None = None
     _stop_starting: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.prices = PriceBookCache(self.sessions)
+        self.reads = ReadPool(self._read_client, size=READ_CLIENTS)
+
+    def _read_client(self) -> Client:
+        self.ch  # noqa: B018 - raises Unavailable until start-up connected
+        return self.connect(
+            self.settings.resolved_clickhouse_url, self.settings.clickhouse_database
+        )
 
     @property
     def ch(self) -> Client:
@@ -83,12 +99,13 @@ class Services:
         check_url(settings.resolved_clickhouse_url)  # a bad URL is not worth retrying
         engine = make_engine(settings.resolved_database_url)  # connects on first use
         fsync = settings.spool_fsync == "always"
+        numbers = TenantNumbers(engine)
         events: StreamPipeline[Event] = StreamPipeline(
             EVENTS,
             settings.data_dir / "spool" / "events",
             max_spool_bytes=settings.spool_max_bytes,
             fsync=fsync,
-            on_keys=lambda pairs: register_pairs(engine, pairs),
+            on_keys=numbers.register,
             key_of=_event_key,
         )
         probes: StreamPipeline[Probe] = StreamPipeline(
@@ -98,7 +115,9 @@ class Services:
             fsync=fsync,
         )
         sessions = make_session_factory(engine)
-        return cls(settings, admin_token, engine, sessions, events, probes, connect=connect)
+        return cls(
+            settings, admin_token, engine, sessions, events, probes, numbers, connect=connect
+        )
 
     def _connect_clickhouse(self) -> None:
         """Make the ClickHouse clients (once): one for reads and jobs, and per stream a
@@ -120,6 +139,7 @@ class Services:
             IngestStore(probes_writer, PROBES_TABLE, reader=probes_reader),
         )
         self._ch = ch
+        self.numbers.attach(ch)
 
     def migrate(self) -> tuple[list[str], list[str]]:
         """Apply pending relational and ClickHouse migrations; return what was applied."""
@@ -138,6 +158,7 @@ class Services:
         assert self._stores is not None  # made by migrate
         events_store, probes_store = self._stores
         if not self.events.running:
+            _step("database", self.numbers.sync)
             _step("clickhouse", lambda: self.events.start(events_store))
         if not self.probes.running:
             _step("clickhouse", lambda: self.probes.start(probes_store))
@@ -191,6 +212,7 @@ class Services:
         self._stop_starting.set()
         self.events.stop()  # drains if its writer runs; closes the spool either way
         self.probes.stop()
+        self.reads.close()
         self.started = self.ready = False
         self.engine.dispose()
 

@@ -17,6 +17,7 @@ TABLES: dict[str, dict[str, str]] = {
         "event_id": "String",
         "timestamp": "DateTime64(3, 'UTC')",
         "tenant_id": "String",
+        "tenant_num": "UInt32",
         "project_id": "String",
         "api_key_id": "String",
         "provider": "LowCardinality(String)",
@@ -48,6 +49,16 @@ TABLES: dict[str, dict[str, str]] = {
         "stream": "LowCardinality(String)",
         "id": "String",
         "inserted_at": "DateTime",
+    },
+    "tenant_numbers": {
+        "tenant_id": "String",
+        "num": "UInt32",
+    },
+    "provider_peaks_hourly": {
+        "hour": "DateTime('UTC')",
+        "provider": "LowCardinality(String)",
+        "requests": "UInt64",
+        "peak": "UInt64",
     },
     "schema_migrations": {
         "version": "UInt32",

@@ -103,7 +103,6 @@ class StreamPipeline(Generic[T]):
         self._key_of = key_of
         self._id_of = attrgetter(schema.id_field)
         self._known_keys: set[tuple[str, str]] = set()
-        self._unregistered: set[tuple[str, str]] = set()
         self._appended_seq = -1
         self._stored_seq = -1
         self._read_pos = self.spool.checkpoint
@@ -326,7 +325,6 @@ class StreamPipeline(Generic[T]):
                 backoff = min(backoff * 2, 5.0)
                 continue
             if not records:
-                self._register_keys(set())
                 self._wake.wait(WRITER_IDLE_WAIT)
                 self._wake.clear()
                 continue
@@ -371,9 +369,11 @@ class StreamPipeline(Generic[T]):
             # Each record holds a JSON array; JSONEachRow takes objects separated by
             # commas, so the arrays' insides are joined without decoding them.
             payload = b",".join(_array_body(record.data) for record in records)
+        # Tenants and projects are registered (new tenants numbered) before their rows
+        # are inserted: ClickHouse stamps each row with its tenant's dense number.
+        self._register_keys(keys)
         self.store.insert_rows(payload)
         self.store.insert_ids(ids)
-        self._register_keys(keys)
         self.spool.commit(records[-1].end, sum(record.size for record in records))
         metrics.STORED_ROWS.labels(self.schema.name).inc(len(ids))
         metrics.STORE_SECONDS.labels(self.schema.name).observe(time.perf_counter() - started)
@@ -394,19 +394,14 @@ class StreamPipeline(Generic[T]):
         return bytes(_array_body(_rows_encoder.encode(items))) if items else b""
 
     def _register_keys(self, keys: set[tuple[str, str]]) -> None:
-        """Register tenants/projects seen for the first time; retried until it works."""
+        """Register tenants/projects seen for the first time. Raises if that fails: the
+        batch then waits in the spool and the writer retries it, like a failed insert."""
         if self._on_keys is None:
             return
-        new = (keys - self._known_keys) | self._unregistered
+        new = keys - self._known_keys
         if not new:
             return
-        try:
-            self._on_keys(new)
-        except Exception as exc:
-            log.warning("registering %d tenant/project pairs failed: %s", len(new), exc)
-            self._unregistered = new
-            return
-        self._unregistered = set()
+        self._on_keys(new)
         self._known_keys |= new
         if len(self._known_keys) > 1_000_000:
             self._known_keys = set(new)

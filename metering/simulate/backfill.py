@@ -45,6 +45,7 @@ from metering.simulate.model import (
     make_tenants,
     minute_weights,
 )
+from metering.tenants.numbers import TenantNumbers
 from metering.tenants.registration import register_pairs
 
 CHUNK_ROWS = 1 << 20
@@ -311,7 +312,9 @@ class Backfill:
             "models": list(MODELS),
             "errors": list(ERROR_TYPES),
         }
-        timings = dict.fromkeys(("generate", "stage", "events", "ids", "probes", "register"), 0.0)
+        timings = dict.fromkeys(
+            ("numbers", "generate", "stage", "events", "ids", "probes", "register"), 0.0
+        )
         names = [name for name, _ in STAGE_COLUMNS]
         starts = list(range(0, plan.events, CHUNK_ROWS))
         # Who sends what is drawn first (a cheap pass of its own RNG stream), so that the
@@ -321,6 +324,11 @@ class Backfill:
         # (chDB releases the GIL while it works).
         used = self.used_projects()
         pairs = self.tenants.pairs(used)
+        # Tenants are numbered (and the numbers published to ClickHouse) before any of
+        # their rows is inserted: each row is stamped with its tenant's number.
+        t_numbers = time.perf_counter()
+        TenantNumbers(engine, ch).register_tenants(tenant for tenant, _ in pairs)
+        timings["numbers"] = time.perf_counter() - t_numbers
         with (
             ThreadPoolExecutor(1, thread_name_prefix="simulate-gen") as generator,
             ThreadPoolExecutor(1, thread_name_prefix="simulate-reg") as registrar,

@@ -9,7 +9,8 @@ provider comparison table) with the distributions such traffic has in practice:
 
 - **Providers** (`PROVIDERS`): llmapi / cohere / azure / bedrock with the page's regions,
   typical latencies and uptimes; traffic shares 55/20/15/10 % (the gateway routes most
-  traffic to its cheapest, fastest provider). Mostly `rerank-4-pro`, some `rerank-3.5`.
+  traffic to its cheapest, fastest provider). Mostly `rerank-4-pro`, some `rerank-3`
+  (both in the default price book).
 - **Time**: a daily cycle peaking at 13:00 UTC with a 3x peak/trough ratio (human-driven
   search traffic follows the working day) and a 20 % dip on Saturdays and Sundays. The
   total is split over the window's minutes with one multinomial draw, so `--events`
@@ -76,7 +77,7 @@ PROVIDERS: tuple[ProviderModel, ...] = (
     ProviderModel("azure", "us-east", 140.0, 0.999, 0.15, 0.008),
     ProviderModel("bedrock", "us-west", 170.0, 0.999, 0.10, 0.010),
 )
-MODELS: tuple[str, ...] = ("rerank-4-pro", "rerank-3.5")
+MODELS: tuple[str, ...] = ("rerank-4-pro", "rerank-3")
 MODEL_SHARES: tuple[float, ...] = (0.88, 0.12)
 MODEL_LATENCY: tuple[float, ...] = (1.0, 0.85)
 # Index 0 = no error; the rest are the contract's examples.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, String
+from sqlalchemy import ForeignKey, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from billing.db import Base, UTCDateTime, utcnow
@@ -31,3 +31,18 @@ class Project(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str | None] = mapped_column(String(200))
     first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class TenantNumber(Base):
+    """A dense number per tenant, handed out once by the relational store (a sequence
+    on PostgreSQL, the rowid on SQLite) and shared by every API replica. ClickHouse keeps
+    a copy (`tenant_numbers`) and stamps it on each event row, so distinct accounts are
+    counted exactly with Roaring bitmaps instead of hashing tenant ids."""
+
+    __tablename__ = "tenant_numbers"
+    __table_args__ = {"sqlite_autoincrement": True}  # noqa: RUF012
+
+    num: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("tenants.id", ondelete="CASCADE"), unique=True
+    )

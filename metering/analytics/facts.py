@@ -1,0 +1,222 @@
+"""Usage facts from ClickHouse: aggregated rows that rating and the figures are built on.
+
+A window is read in pieces, each from the cheapest exact source:
+- whole UTC hours from the `p_hourly` projection (hundreds of rows for a month),
+  except hours in which a price takes effect off the hour;
+- the rest (the partial hours at the window's edges, and those split hours) from the
+  raw rows, each row's span starting at the later of its hour and the last price
+  boundary before it, so that one price applies to every span;
+- with a tenant or project filter or grouping, everything from the raw rows: the
+  table's key (day, tenant, project) keeps one tenant's read small.
+
+Distinct accounts come from Roaring bitmaps of dense tenant numbers: whole days from
+`p_daily_tenants`, whole hours from `p_hourly`, the edges from raw rows; bitmaps union
+exactly. Every branch's SQL is a constant or built here from allow-listed names; values
+are bound as parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from clickhouse_connect.driver.client import Client
+
+from metering.analytics.window import Window, ceil_day, ceil_hour, floor_day, floor_hour
+
+_T64 = "DateTime64(3, 'UTC')"
+GROUP_KEYS = ("tenant_id", "project_id", "provider", "model")
+# No alias may shadow a column: `sum(x) AS x` would turn a later `sum(... x)` into an
+# aggregate of an aggregate.
+_SUMS = (
+    "count() AS n_requests, sum(documents) AS n_documents,"
+    " sum(toUInt128(queries) * documents) AS n_pairs,"
+    " sum(toUInt128(input_tokens)) AS n_input,"
+    " sum(toUInt128(output_tokens)) AS n_output"
+)
+_FILTERS = {
+    "tenant_id": "tenant_id = {tenant_id:String}",
+    "project_id": "project_id = {project_id:String}",
+    "provider": "provider = {provider:String}",
+    "model": "model = {model:String}",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Fact:
+    """Aggregated events of one span (one price applies), provider, model and status."""
+
+    span: datetime
+    provider: str
+    model: str
+    status: str
+    keys: tuple[str, ...]  # values of the extra group keys (tenant_id, project_id)
+    requests: int
+    documents: int
+    pairs: int
+    input_tokens: int
+    output_tokens: int
+
+
+def ms(t: datetime) -> str:
+    """A DateTime64(3) parameter: clickhouse-connect would drop the milliseconds."""
+    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _where(filters: dict[str, str]) -> str:
+    return "".join(f" AND {_FILTERS[name]}" for name in filters)
+
+
+def _ranges(ranges: Sequence[tuple[datetime, datetime]], params: dict[str, object]) -> str:
+    parts = []
+    for i, (a, b) in enumerate(ranges):
+        params[f"a{i}"], params[f"b{i}"] = ms(a), ms(b)
+        parts.append(f"(timestamp >= {{a{i}:{_T64}}} AND timestamp < {{b{i}:{_T64}}})")
+    return "(" + " OR ".join(parts) + ")"
+
+
+def _hour_range(params: dict[str, object], start: datetime, end: datetime, name: str) -> str:
+    params[f"{name}_from"], params[f"{name}_to"] = start, end
+    return (
+        f"toStartOfHour(timestamp) >= {{{name}_from:DateTime('UTC')}}"
+        f" AND toStartOfHour(timestamp) < {{{name}_to:DateTime('UTC')}}"
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which part of a window each source reads."""
+
+    hours: tuple[datetime, datetime] | None  # whole hours from the projection
+    split_hours: list[datetime]  # ... except these (read raw)
+    raw: list[tuple[datetime, datetime]]  # raw ranges
+
+
+def plan(window: Window, boundaries: Sequence[datetime], raw_only: bool) -> Plan:
+    start, end = window.start, window.end
+    if raw_only:
+        return Plan(None, [], [(start, end)])
+    h1, h2 = ceil_hour(start), floor_hour(end)
+    if h1 >= h2:
+        return Plan(None, [], [(start, end)])
+    raw = []
+    if start < h1:
+        raw.append((start, h1))
+    if h2 < end:
+        raw.append((h2, end))
+    split = sorted({floor_hour(b) for b in boundaries if b != floor_hour(b) and h1 <= b < h2})
+    raw.extend((h, h + timedelta(hours=1)) for h in split)
+    return Plan((h1, h2), split, raw)
+
+
+def facts(
+    ch: Client,
+    window: Window,
+    boundaries: Sequence[datetime],
+    *,
+    filters: dict[str, str],
+    group: Sequence[str] = (),
+    settings: dict[str, object] | None = None,
+) -> list[Fact]:
+    """Aggregated usage of the window, split into spans that one price covers."""
+    extra = [k for k in group if k in ("tenant_id", "project_id")]
+    raw_only = bool(extra) or "tenant_id" in filters or "project_id" in filters
+    p = plan(window, boundaries, raw_only)
+    params: dict[str, object] = dict(filters)
+    selects = []
+    key_cols = "".join(f", {k}" for k in extra)
+    if p.hours is not None:
+        params["split"] = p.split_hours
+        selects.append(
+            "SELECT toStartOfHour(timestamp) AS span, provider, model, status"
+            f"{key_cols}, {_SUMS} FROM rerank_events WHERE "
+            + _hour_range(params, p.hours[0], p.hours[1], "h")
+            + " AND NOT has({split:Array(DateTime('UTC'))}, toStartOfHour(timestamp))"
+            + _where(filters)
+            + f" GROUP BY span, provider, model, status{key_cols}"
+        )
+    if p.raw:
+        params["bounds"] = [ms(b) for b in boundaries]
+        selects.append(
+            "SELECT greatest(toDateTime64(toStartOfHour(timestamp), 3, 'UTC'),"
+            " arrayLast(b -> b <= timestamp, {bounds:Array(DateTime64(3, 'UTC'))})) AS span,"
+            f" provider, model, status{key_cols}, {_SUMS} FROM rerank_events WHERE "
+            + _ranges(p.raw, params)
+            + _where(filters)
+            + f" GROUP BY span, provider, model, status{key_cols}"
+        )
+    out: list[Fact] = []
+    for sql in selects:
+        for row in ch.query(sql, parameters=params, settings=settings or {}).result_rows:
+            span, provider, model, status = row[:4]
+            n = 4 + len(extra)
+            out.append(
+                Fact(
+                    _utc(span),
+                    provider,
+                    model,
+                    status,
+                    tuple(row[4:n]),
+                    int(row[n]),
+                    int(row[n + 1]),
+                    int(row[n + 2]),
+                    int(row[n + 3]),
+                    int(row[n + 4]),
+                )
+            )
+    return out
+
+
+def _utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+def active_accounts(ch: Client, window: Window, settings: dict[str, object] | None = None) -> int:
+    """Distinct tenants with an event in the window, exactly (bitmap union)."""
+    start, end = window.start, window.end
+    params: dict[str, object] = {}
+    branches = []
+    d1, d2 = ceil_day(start), floor_day(end)
+    h1, h2 = ceil_hour(start), floor_hour(end)
+    hour_ranges: list[tuple[datetime, datetime]] = []
+    raw: list[tuple[datetime, datetime]] = []
+    if h1 < h2:
+        if d1 < d2:
+            params["d1"], params["d2"] = d1.date(), d2.date()
+            branches.append(
+                "SELECT groupBitmapState(tenant_num) AS s FROM rerank_events"
+                " WHERE toDate(timestamp) >= {d1:Date} AND toDate(timestamp) < {d2:Date}"
+            )
+            hour_ranges = [(h1, d1), (d2, h2)]
+        else:
+            hour_ranges = [(h1, h2)]
+        raw = [(start, h1), (h2, end)]
+    else:
+        raw = [(start, end)]
+    for i, (a, b) in enumerate(r for r in hour_ranges if r[0] < r[1]):
+        branches.append(
+            "SELECT groupBitmapState(tenant_num) AS s FROM rerank_events WHERE "
+            + _hour_range(params, a, b, f"h{i}")
+        )
+    raw = [r for r in raw if r[0] < r[1]]
+    if raw:
+        branches.append(
+            "SELECT groupBitmapState(tenant_num) AS s FROM rerank_events WHERE "
+            + _ranges(raw, params)
+        )
+    sql = "SELECT groupBitmapOr(s) FROM (" + " UNION ALL ".join(branches) + ")"
+    return int(ch.query(sql, parameters=params, settings=settings or {}).result_rows[0][0])
+
+
+PROBE_COUNTS = (
+    "SELECT provider, countIf(ok) AS ok, count() AS probes FROM uptime_probes"
+    " WHERE timestamp >= {start:DateTime64(3, 'UTC')} AND timestamp < {end:DateTime64(3, 'UTC')}"
+    " GROUP BY provider"
+)
+
+
+def probe_counts(ch: Client, window: Window) -> dict[str, tuple[int, int]]:
+    """(ok probes, probes) per provider in the window."""
+    rows = ch.query(PROBE_COUNTS, parameters={"start": window.start, "end": window.end}).result_rows
+    return {provider: (int(ok), int(n)) for provider, ok, n in rows}

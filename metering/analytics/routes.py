@@ -1,0 +1,132 @@
+"""`GET /v1/stats`, `/v1/usage`, `/v1/providers`: the seed page's figures, from data.
+
+Each read waits until every event accepted before it is stored (at most 1 s), resolves
+the tenant it may see (a read key: its own; the admin: the platform or `tenant_id=`),
+then queries ClickHouse in a worker thread from the read pool.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
+
+from metering.analytics import service
+from metering.analytics.deps import AnalyticsStateDep, fresh
+from metering.analytics.facts import GROUP_KEYS
+from metering.analytics.window import resolve
+from metering.auth.deps import Reader
+from metering.errors import ApiError, error_responses
+
+router = APIRouter(prefix="/v1", tags=["figures"])
+
+WindowQ = Annotated[str | None, Query(description="24h, 7d, 30d or 90d (default 30d, ending now)")]
+FromQ = Annotated[str | None, Query(alias="from", description="RFC 3339; window start")]
+ToQ = Annotated[str | None, Query(alias="to", description="RFC 3339; window end (excluded)")]
+TenantQ = Annotated[
+    str | None,
+    Query(max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$", description="admin only: one tenant"),
+]
+NameQ = Annotated[str | None, Query(min_length=1, max_length=128)]
+_READ_ERRORS = error_responses(400, 401, 403, 503)
+
+
+@router.get("/stats", responses=_READ_ERRORS)
+async def get_stats(
+    state: AnalyticsStateDep,
+    principal: Reader,
+    window: WindowQ = None,
+    start: FromQ = None,
+    end: ToQ = None,
+    tenant_id: TenantQ = None,
+) -> dict[str, Any]:
+    """The 30-day figures of the seed page (or any window), for the platform or one tenant."""
+    span = resolve(window, start, end)
+    tenant = principal.tenant_scope(tenant_id)
+    await fresh(state)
+    book = state.prices.get()
+
+    def work() -> dict[str, Any]:
+        with state.reads.client() as ch:
+            return service.stats(ch, book, span, tenant)
+
+    return await run_in_threadpool(work)
+
+
+def _group_by(text: str | None) -> list[str]:
+    if not text:
+        return []
+    keys = [k.strip() for k in text.split(",")]
+    bad = [k for k in keys if k not in GROUP_KEYS]
+    if bad:
+        raise ApiError(400, f"group_by: unknown key {bad[0]!r}; use {', '.join(GROUP_KEYS)}")
+    if len(set(keys)) != len(keys):
+        raise ApiError(400, "group_by: a key is repeated")
+    return keys
+
+
+@router.get("/usage", responses=_READ_ERRORS)
+async def get_usage(
+    state: AnalyticsStateDep,
+    principal: Reader,
+    window: WindowQ = None,
+    start: FromQ = None,
+    end: ToQ = None,
+    granularity: Annotated[str, Query(pattern=r"^(hour|day|month)$")] = "day",
+    group_by: Annotated[
+        str | None, Query(max_length=200, description="comma-separated: " + ",".join(GROUP_KEYS))
+    ] = None,
+    tenant_id: TenantQ = None,
+    project_id: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")] = None,
+    provider: NameQ = None,
+    model: NameQ = None,
+) -> dict[str, Any]:
+    """Usage and cost per bucket and group; cost_usd is null where usage has no price."""
+    span = resolve(window, start, end)
+    keys = _group_by(group_by)
+    tenant = principal.tenant_scope(tenant_id)
+    filters = {
+        k: v
+        for k, v in (
+            ("tenant_id", tenant),
+            ("project_id", project_id),
+            ("provider", provider),
+            ("model", model),
+        )
+        if v is not None
+    }
+    await fresh(state)
+    book = state.prices.get()
+
+    def work() -> dict[str, Any]:
+        with state.reads.client() as ch:
+            return service.usage(
+                ch, book, span, granularity=granularity, group_by=keys, filters=filters
+            )
+
+    return await run_in_threadpool(work)
+
+
+@router.get("/providers", responses=_READ_ERRORS)
+async def get_providers(
+    state: AnalyticsStateDep,
+    principal: Reader,
+    window: WindowQ = None,
+    start: FromQ = None,
+    end: ToQ = None,
+    tenant_id: TenantQ = None,
+) -> dict[str, Any]:
+    """The provider comparison table: requests, errors, latency, peak rps, uptime, prices."""
+    span = resolve(window, start, end)
+    tenant = principal.tenant_scope(tenant_id)
+    await fresh(state)
+    book = state.prices.get()
+    now = datetime.now(UTC)
+
+    def work() -> dict[str, Any]:
+        with state.reads.client() as ch:
+            return service.providers(ch, book, span, tenant, now)
+
+    return await run_in_threadpool(work)
