@@ -69,6 +69,9 @@ def make_client(url: str, database: str = "default") -> Client:
         "username": unquote(parts.username or "default"),
         "password": unquote(parts.password or ""),
         "secure": parts.scheme == "https",
+        # Each client runs one query at a time; a session id would make a server refuse
+        # a second concurrent query on it, and every purpose gets its own client anyway.
+        "autogenerate_session_id": False,
     }
     bootstrap_http = clickhouse_connect.get_client(**common)
     try:
@@ -122,7 +125,7 @@ class StreamingChdbBackend(ChdbBackend):
                 yield chunk
 
         statement = f"INSERT INTO {context.table} ({columns})"
-        return self._stream(statement, "Native", chunks(), runtime)
+        return self._stream(statement, "Native", chunks(), runtime, context.table)
 
     def execute_raw_insert(
         self,
@@ -144,12 +147,33 @@ class StreamingChdbBackend(ChdbBackend):
         columns = ""
         if column_names:
             columns = f" ({', '.join(quote_identifier(name) for name in column_names)})"
-        return self._stream(f"INSERT INTO {table}{columns}", fmt, chunks, runtime)
+        return self._stream(f"INSERT INTO {table}{columns}", fmt, chunks, runtime, table)
+
+    def _rows_locked(self, table: str) -> int:
+        # A trivial count: answered from the parts' metadata, not by reading rows.
+        result = self._query_locked(f"SELECT count() FROM {table}", "TabSeparated")
+        return int(result.bytes().decode().strip() or 0)
 
     def _stream(
-        self, statement: str, fmt: str, chunks: Iterable[bytes], runtime: QueryRuntime
+        self,
+        statement: str,
+        fmt: str,
+        chunks: Iterable[bytes],
+        runtime: QueryRuntime,
+        table: str,
     ) -> dict[str, Any]:
-        """Run one INSERT fed by `chunks`, under the handle lock like every call."""
+        """Run one INSERT fed by `chunks`, under the handle lock like every call.
+
+        chdb 4.4's streaming insert reports success, with the rows it parsed as
+        written, when writing the part fails afterwards (seen with a projection that
+        could not be computed; a full disk fails at the same step). A writer that
+        trusted that answer would drop spooled events it never stored. So the table's
+        row count is read before and after (metadata only, ~1 ms), and an insert after
+        which the table grew by fewer rows than reported raises like any failed insert:
+        the ingest writer then retries what is missing. Other inserts into the same
+        table at the same moment can only hide a failure (the growth is theirs too),
+        never invent one; the ingest writer is the only one inserting into its tables.
+        """
         settings: Mapping[str, str] = self._engine_settings(runtime.settings)
         if settings:
             statement += f" SETTINGS {chdb_backend._settings_clause(settings)}"
@@ -157,6 +181,7 @@ class StreamingChdbBackend(ChdbBackend):
         with self._handle.lock:
             self._guard_locked()
             self._use_database_locked(runtime.database)
+            before = self._rows_locked(table)
             try:
                 inserter = self._handle.conn.send_insert(statement, fmt)
             except Exception as exc:
@@ -172,6 +197,12 @@ class StreamingChdbBackend(ChdbBackend):
             except BaseException:
                 inserter.cancel()  # idempotent; no-op once finish() was called
                 raise
+            grown = self._rows_locked(table) - before
+        if grown < result.rows_written:
+            raise DatabaseError(
+                f"insert into {table}: chDB reported {result.rows_written} rows written but"
+                f" the table grew by {grown}; the part was not stored"
+            )
         return {
             "written_rows": str(result.rows_written),
             "written_bytes": str(result.bytes_written),

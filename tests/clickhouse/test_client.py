@@ -56,6 +56,25 @@ def test_a_refused_insert_stores_nothing_and_the_client_keeps_working(
     assert client.query("SELECT id FROM t").result_rows == [("z",)]
 
 
+def test_an_insert_whose_part_cannot_be_written_raises(chdb_path: Path, ch_database: str) -> None:
+    # chdb 4.4's streaming insert reports the rows as written when writing the part fails
+    # after parsing (here: a projection the engine cannot compute). Trusting it would let
+    # the ingest writer drop spooled events that were never stored.
+    client = make_client(f"chdb://{chdb_path}", ch_database)
+    client.command(
+        "CREATE TABLE p (id String, fb Array(Tuple(provider String, x UInt8)),"
+        " PROJECTION bad (SELECT id, sumMap(fb.provider, arrayWithConstant(length(fb), 1))"
+        " GROUP BY id)) ENGINE = MergeTree ORDER BY id"
+    )
+    with pytest.raises(Exception, match="table grew by 0"):
+        client.raw_insert(
+            "p", ["id", "fb"], b'{"id":"a","fb":[{"provider":"x","x":1}]}', fmt="JSONEachRow"
+        )
+    with pytest.raises(Exception, match="table grew by 0"):
+        client.insert("p", [["b", []]], column_names=["id", "fb"])
+    assert client.query("SELECT count() FROM p").result_rows == [(0,)]
+
+
 KILLED_MID_INSERT = """
 import os, signal, sys
 from metering.clickhouse.client import make_client
