@@ -110,6 +110,24 @@ def plan(window: Window, boundaries: Sequence[datetime], raw_only: bool) -> Plan
     return Plan((h1, h2), split, raw)
 
 
+_BUCKETS = {
+    "hour": "toDateTime64(toStartOfHour({t}), 3, 'UTC')",
+    "day": "toDateTime64(toStartOfDay({t}), 3, 'UTC')",
+    "month": "toDateTime64(toStartOfMonth({t}), 3, 'UTC')",
+    None: "{origin:DateTime64(3, 'UTC')}",
+}
+
+
+def _span(t: str, bucket: str | None) -> str:
+    """The start of a row's rating span: the later of its bucket's start (the window's
+    first hour without buckets) and the last price boundary at or before `t`. Every
+    price entry of the window is a boundary, so one price covers each span."""
+    return (
+        f"greatest({_BUCKETS[bucket].replace('{t}', t)},"
+        f" arrayLast(b -> b <= {t}, {{bounds:Array({_T64})}}))"
+    )
+
+
 def facts(
     ch: Client,
     window: Window,
@@ -117,46 +135,48 @@ def facts(
     *,
     filters: dict[str, str],
     group: Sequence[str] = (),
+    bucket: str | None = "hour",
     settings: dict[str, object] | None = None,
 ) -> list[Fact]:
-    """Aggregated usage of the window, split into spans that one price covers."""
+    """Aggregated usage of the window per time bucket (hour, day, month, or the whole
+    window with None), split where a price takes effect, so one price covers each."""
     extra = [k for k in group if k in ("tenant_id", "project_id")]
     raw_only = bool(extra) or "tenant_id" in filters or "project_id" in filters
     p = plan(window, boundaries, raw_only)
     params: dict[str, object] = dict(filters)
+    params["bounds"] = [ms(b) for b in boundaries]
+    params["origin"] = ms(floor_hour(window.start))
     selects = []
     key_cols = "".join(f", {k}" for k in extra)
     if p.hours is not None:
+        # Every expression is of toStartOfHour(timestamp), the projection's key.
         params["split"] = p.split_hours
         selects.append(
-            "SELECT toStartOfHour(timestamp) AS span, provider, model, status"
-            f"{key_cols}, {_SUMS} FROM rerank_events WHERE "
+            f"SELECT {_span('toStartOfHour(timestamp)', bucket)} AS span,"
+            f" provider, model, status{key_cols}, {_SUMS} FROM rerank_events WHERE "
             + _hour_range(params, p.hours[0], p.hours[1], "h")
             + " AND NOT has({split:Array(DateTime('UTC'))}, toStartOfHour(timestamp))"
             + _where(filters)
             + f" GROUP BY span, provider, model, status{key_cols}"
         )
     if p.raw:
-        params["bounds"] = [ms(b) for b in boundaries]
         selects.append(
-            "SELECT greatest(toDateTime64(toStartOfHour(timestamp), 3, 'UTC'),"
-            " arrayLast(b -> b <= timestamp, {bounds:Array(DateTime64(3, 'UTC'))})) AS span,"
+            f"SELECT {_span('timestamp', bucket)} AS span,"
             f" provider, model, status{key_cols}, {_SUMS} FROM rerank_events WHERE "
             + _ranges(p.raw, params)
             + _where(filters)
             + f" GROUP BY span, provider, model, status{key_cols}"
         )
     out: list[Fact] = []
+    n = 4 + len(extra)
     for sql in selects:
         for row in ch.query(sql, parameters=params, settings=settings or {}).result_rows:
-            span, provider, model, status = row[:4]
-            n = 4 + len(extra)
             out.append(
                 Fact(
-                    _utc(span),
-                    provider,
-                    model,
-                    status,
+                    _utc(row[0]),
+                    row[1],
+                    row[2],
+                    row[3],
                     tuple(row[4:n]),
                     int(row[n]),
                     int(row[n + 1]),

@@ -60,7 +60,8 @@ class _Unpriced:
 
 def stats(ch: Client, book: PriceBook, window: Window, tenant_id: str | None) -> dict[str, Any]:
     filters = {"tenant_id": tenant_id} if tenant_id else {}
-    rows = facts(ch, window, book.boundaries(floor_hour(window.start), window.end), filters=filters)
+    boundaries = book.boundaries(floor_hour(window.start), window.end)
+    rows = facts(ch, window, boundaries, filters=filters, bucket=None)
     requests = errors = documents = pairs = input_tokens = output_tokens = 0
     ok_usage = []
     for f in rows:
@@ -123,7 +124,7 @@ def usage(
     filters: dict[str, str],
 ) -> dict[str, Any]:
     boundaries = book.boundaries(floor_hour(window.start), window.end)
-    rows = facts(ch, window, boundaries, filters=filters, group=group_by)
+    rows = facts(ch, window, boundaries, filters=filters, group=group_by, bucket=granularity)
     extra = [k for k in group_by if k in ("tenant_id", "project_id")]
     series: dict[tuple[Any, ...], dict[str, Any]] = {}
     ok_usage: list[Usage[tuple[Any, ...]]] = []

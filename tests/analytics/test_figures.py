@@ -192,8 +192,12 @@ def test_stats_equal_brute_force_to_the_last_digit(
     assert Decimal(one["spend_usd"]) == want_one["spend"]
 
 
+@pytest.mark.parametrize("granularity", ["hour", "day", "month"])
 def test_usage_rows_equal_brute_force(
-    client: TestClient, admin_headers: dict[str, str], loaded: list[dict[str, Any]]
+    client: TestClient,
+    admin_headers: dict[str, str],
+    loaded: list[dict[str, Any]],
+    granularity: str,
 ) -> None:
     book = _book(client, admin_headers)
     start = BASE + timedelta(hours=2, minutes=50)
@@ -203,7 +207,7 @@ def test_usage_rows_equal_brute_force(
         params={
             "from": _iso(start),
             "to": _iso(end),
-            "granularity": "hour",
+            "granularity": granularity,
             "group_by": "tenant_id,provider,model",
         },
         headers=admin_headers,
@@ -220,6 +224,10 @@ def test_usage_rows_equal_brute_force(
     )
     for e in _brute(loaded, book, start, end)["inside"]:
         t = _ts(e).replace(minute=0, second=0, microsecond=0)
+        if granularity != "hour":
+            t = t.replace(hour=0)
+        if granularity == "month":
+            t = t.replace(day=1)
         row = want[(_iso(t), e["tenant_id"], e["provider"], e["model"])]
         row["requests"] += 1
         if e["status"] != "ok":
