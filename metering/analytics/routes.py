@@ -1,30 +1,53 @@
 """`GET /v1/stats`, `/v1/usage`, `/v1/providers`: the seed page's figures, from data.
 
-Each read waits until every event accepted before it is stored (at most 1 s), resolves
+Each read waits until every event accepted before it is stored (at most 5 s), resolves
 the tenant it may see (a read key: its own; the admin: the platform or `tenant_id=`),
 then queries ClickHouse in a worker thread from the read pool.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, TypeVar
 
+from clickhouse_connect.driver.client import Client
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
 from metering.analytics import service
-from metering.analytics.deps import AnalyticsStateDep, fresh
-from metering.analytics.facts import GROUP_KEYS
+from metering.analytics.deps import AnalyticsState, AnalyticsStateDep, fresh
+from metering.analytics.facts import GROUP_KEYS, active_accounts, probe_counts
 from metering.analytics.window import resolve
 from metering.auth.deps import Reader
 from metering.errors import ApiError, error_responses
 
 router = APIRouter(prefix="/v1", tags=["figures"])
+T = TypeVar("T")
 
-WindowQ = Annotated[str | None, Query(description="24h, 7d, 30d or 90d (default 30d, ending now)")]
-FromQ = Annotated[str | None, Query(alias="from", description="RFC 3339; window start")]
-ToQ = Annotated[str | None, Query(alias="to", description="RFC 3339; window end (excluded)")]
+WindowQ = Annotated[
+    Literal["24h", "7d", "30d", "90d"] | None,
+    Query(description="24h, 7d, 30d or 90d (default 30d, ending now); not with from/to"),
+]
+FromQ = Annotated[
+    str | None,
+    Query(
+        alias="from",
+        max_length=64,
+        json_schema_extra={"format": "date-time"},
+        description="RFC 3339 with an offset; window start, before `to`",
+    ),
+]
+ToQ = Annotated[
+    str | None,
+    Query(
+        alias="to",
+        max_length=64,
+        json_schema_extra={"format": "date-time"},
+        description="RFC 3339 with an offset; window end (excluded); default now",
+    ),
+]
 TenantQ = Annotated[
     str | None,
     Query(max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$", description="admin only: one tenant"),
@@ -47,10 +70,19 @@ async def get_stats(
     tenant = principal.tenant_scope(tenant_id)
     await fresh(state)
     book = state.prices.get()
+    # Three independent queries at once, each on a read client of its own.
+    rows, accounts, probes = await asyncio.gather(
+        _read(state, lambda ch: service.stats_facts(ch, book, span, tenant)),
+        _read(state, lambda ch: None if tenant else active_accounts(ch, span)),
+        _read(state, lambda ch: probe_counts(ch, span)),
+    )
+    return service.assemble_stats(book, span, tenant, rows, accounts, probes)
 
-    def work() -> dict[str, Any]:
+
+async def _read(state: AnalyticsState, query: Callable[[Client], T]) -> T:
+    def work() -> T:
         with state.reads.client() as ch:
-            return service.stats(ch, book, span, tenant)
+            return query(ch)
 
     return await run_in_threadpool(work)
 

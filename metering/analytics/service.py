@@ -58,10 +58,33 @@ class _Unpriced:
         ]
 
 
-def stats(ch: Client, book: PriceBook, window: Window, tenant_id: str | None) -> dict[str, Any]:
+def stats_facts(ch: Client, book: PriceBook, window: Window, tenant_id: str | None) -> list[Fact]:
     filters = {"tenant_id": tenant_id} if tenant_id else {}
     boundaries = book.boundaries(floor_hour(window.start), window.end)
-    rows = facts(ch, window, boundaries, filters=filters, bucket=None)
+    return facts(ch, window, boundaries, filters=filters, bucket=None)
+
+
+def stats(ch: Client, book: PriceBook, window: Window, tenant_id: str | None) -> dict[str, Any]:
+    """The figures with one client, query after query (the route runs them at once)."""
+    accounts = None if tenant_id else active_accounts(ch, window)
+    return assemble_stats(
+        book,
+        window,
+        tenant_id,
+        stats_facts(ch, book, window, tenant_id),
+        accounts,
+        probe_counts(ch, window),
+    )
+
+
+def assemble_stats(
+    book: PriceBook,
+    window: Window,
+    tenant_id: str | None,
+    rows: list[Fact],
+    accounts: int | None,
+    probes: dict[str, tuple[int, int]],
+) -> dict[str, Any]:
     requests = errors = documents = pairs = input_tokens = output_tokens = 0
     ok_usage = []
     for f in rows:
@@ -82,11 +105,8 @@ def stats(ch: Client, book: PriceBook, window: Window, tenant_id: str | None) ->
             unpriced.add(rated.usage)
         else:
             spend = EXACT.add(spend, cost)
-    if tenant_id:
+    if accounts is None:  # one tenant: active or not
         accounts = 1 if requests else 0
-    else:
-        accounts = active_accounts(ch, window) if requests else 0
-    probes = probe_counts(ch, window)
     ok_probes = sum(ok for ok, _ in probes.values())
     all_probes = sum(n for _, n in probes.values())
     return {
