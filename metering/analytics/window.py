@@ -21,6 +21,8 @@ WINDOWS = {
 }
 DEFAULT_WINDOW = "30d"
 MAX_SPAN = timedelta(days=800)  # events are accepted up to 400 days old; twice that
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)  # ClickHouse's DateTime64 range, kept simple
+LATEST = datetime(2299, 12, 31, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,13 @@ def parse_time(field: str, value: str) -> datetime:
         raise ApiError(400, f"{field}: must be an RFC 3339 time with an offset") from None
     if "T" not in text.upper() or parsed.utcoffset() is None:
         raise ApiError(400, f"{field}: must be an RFC 3339 time with an offset")
-    return _ms(parsed.astimezone(UTC))
+    try:
+        utc = parsed.astimezone(UTC)
+    except OverflowError:
+        utc = EARLIEST - timedelta(days=1)
+    if not EARLIEST <= utc <= LATEST:
+        raise ApiError(400, f"{field}: must be between 1970-01-01 and 2299-12-31")
+    return _ms(utc)
 
 
 def resolve(
@@ -80,7 +88,7 @@ def resolve(
     if t_to is None:
         t_to = now
     if t_from is None:
-        t_from = t_to - length
+        t_from = max(t_to - length, EARLIEST)
     if t_from >= t_to:
         raise ApiError(400, "from: must be before to")
     if t_to - t_from > MAX_SPAN:

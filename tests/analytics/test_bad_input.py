@@ -18,6 +18,8 @@ BAD_READS = [
     ("/v1/stats", {"to": "2026-01-01"}, "to"),
     ("/v1/stats", {"from": "2020-01-01T00:00:00Z", "to": "2026-01-01T00:00:00Z"}, "to"),
     ("/v1/stats", {"tenant_id": "a b"}, "tenant_id"),
+    ("/v1/stats", {"to": "0004-01-06T04:00:01Z"}, "to"),
+    ("/v1/stats", {"from": "2400-01-01T00:00:00Z"}, "from"),
     ("/v1/usage", {"group_by": "tenant_id,colour"}, "group_by"),
     ("/v1/usage", {"group_by": "model,model"}, "group_by"),
     ("/v1/usage", {"granularity": "week"}, "granularity"),
