@@ -61,8 +61,8 @@ def test_order_of_input_does_not_matter_and_output_is_newest_first() -> None:
     assert [i.started_ms for i in found] == [9 * MIN, 4 * MIN, 2 * MIN, 0]
 
 
-def test_equal_timestamps_order_by_probe_id() -> None:
-    oks = [False, False, False, True]
+def test_equal_timestamps_order_failed_first() -> None:
+    oks = [True, False, False, False]
     probes = [ProbeRow("cohere", "global", 0, f"p{i}", ok) for i, ok in enumerate(oks)]
     assert detect(probes) == [Incident("cohere", "global", 0, 0, 3)]
 
@@ -169,3 +169,44 @@ def test_incidents_bad_input(api: TestClient) -> None:
         assert response.status_code == 400, (params, response.text)
         assert response.json()["error"].startswith(prefix)
     assert api.get("/v1/incidents").status_code == 401
+
+
+def test_clickhouse_finds_the_same_incidents_as_the_rule(ch_client: Any) -> None:
+    """`read_incidents` (runs found in SQL) against `detect` (the rule in Python) on random
+    probe histories of several targets, read through windows cut at random places."""
+    import random
+
+    from metering.analytics.incidents import read_incidents
+    from metering.analytics.window import Window
+    from metering.clickhouse.migrations import migrate
+
+    migrate(ch_client)
+    rng = random.Random(11)
+    base = datetime.now(UTC).replace(microsecond=0) - timedelta(days=3)
+    probes: list[ProbeRow] = []
+    for provider, region in (("cohere", "global"), ("azure", "us-east"), ("azure", "eu")):
+        failing = False
+        for i in range(400):
+            if rng.random() < 0.08:
+                failing = not failing
+            ok = not failing if rng.random() > 0.1 else failing
+            ts_ms = int((base + timedelta(seconds=30 * i)).timestamp() * 1000)
+            probes.append(ProbeRow(provider, region, ts_ms, f"{provider}-{region}-{i}", ok))
+    ch_client.insert(
+        "uptime_probes",
+        [
+            [p.probe_id, datetime.fromtimestamp(p.ts_ms / 1000, UTC), p.provider, p.region, p.ok]
+            for p in probes
+        ],
+        column_names=["probe_id", "timestamp", "provider", "region", "ok"],
+    )
+    for _ in range(12):
+        a, b = sorted(rng.sample(range(0, 400 * 30), 2))
+        window = Window(base + timedelta(seconds=a), base + timedelta(seconds=b))
+        start_ms = int(window.start.timestamp() * 1000)
+        end_ms = int(window.end.timestamp() * 1000)
+        want = [i for i in detect(probes) if i.overlaps(start_ms, end_ms)]
+        assert read_incidents(ch_client, window) == want
+        azure = [i for i in want if i.provider == "azure"]
+        assert read_incidents(ch_client, window, "azure") == azure
+    assert any(detect(probes))
