@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from billing.prices.book import PriceBookCache
 from metering.analytics.deps import ReadPool
+from metering.analytics.projections import materialize_missing
 from metering.auth.service import KeyCache
 from metering.clickhouse import migrations as ch_migrations
 from metering.clickhouse.client import check_url, make_client
@@ -159,6 +160,7 @@ class Services:
         events_store, probes_store = self._stores
         if not self.events.running:
             _step("database", self.numbers.sync)
+            _step("clickhouse", lambda: materialize_missing(self.ch))
             _step("clickhouse", lambda: self.events.start(events_store))
         if not self.probes.running:
             _step("clickhouse", lambda: self.probes.start(probes_store))

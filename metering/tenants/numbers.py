@@ -10,7 +10,8 @@ spool and the writer retries it.
 
 `sync` runs at start-up: it publishes any number ClickHouse lacks (a data dir whose
 ClickHouse was restored from a backup, say) and rewrites rows stored before the
-numbers existed (tenant_num = 0), registering their tenants first.
+numbers existed (tenant_num = 0), registering their tenants first. The rewrite rebuilds
+the projections that read tenant_num in the parts it rewrites.
 """
 
 from __future__ import annotations
@@ -110,6 +111,4 @@ class TenantNumbers:
             if unnumbered:
                 log.info("numbering %d event rows stored before tenant numbers", unnumbered)
                 ch.command(RENUMBER)
-                for name in PROJECTIONS:
-                    ch.command(MATERIALIZE.replace("{name}", name))
         return unnumbered
