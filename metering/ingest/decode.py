@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
+from itertools import compress
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -93,6 +94,25 @@ class Decoded(Generic[T]):
     # The JSON array of exactly `items`, as sent, when every item was valid: the spool
     # can store these bytes instead of encoding the items again.
     raw: bytes | None = None
+    # Each item's JSON, in step with `items` (the bytes as sent, or the item encoded
+    # again when a value was rewritten), when the body was split item by item: a batch
+    # with rejected items or duplicates is stored without encoding its items again.
+    raws: Sequence[bytes | msgspec.Raw] | None = None
+
+    def array(self, keep: Sequence[bool] | None = None) -> bytes | None:
+        """The JSON array of the items (those whose `keep` is true), without encoding
+        them; None when their bytes are not known (the caller encodes the items)."""
+        if keep is None and self.raw is not None:
+            return self.raw
+        if self.raws is None:
+            return None
+        raws = list(self.raws if keep is None else compress(self.raws, keep))
+        if len(raws) < 2:
+            return b"[" + b"".join(raws) + b"]"
+        # One copy of the bytes (a 10 MB batch is copied once, not twice).
+        raws[0] = b"[" + raws[0]
+        raws[-1] = bytes(raws[-1]) + b"]"
+        return b",".join(raws)
 
 
 def _bounded_array(name: str, size: int, *, strict: bool) -> msgspec.json.Decoder[Any]:
@@ -276,14 +296,15 @@ def decode_batch(
     raws: Sequence[bytes | msgspec.Raw] = (
         split_ndjson(schema, body) if ndjson else split_json(schema, body)
     )
-    typed, indices, rejected, unusable, rewritten = _decode_items(schema, raws, pause)
+    typed, indices, item_raws, rejected, unusable, rewritten = _decode_items(schema, raws, pause)
     if ndjson and raws and unusable == len(raws):
         reason = rejected[0].errors[0].partition(": ")[2]
         raise BodyError(f"body: not valid NDJSON (one JSON object per line): {reason}")
     lo, hi = window(now)
     if not rejected and not rewritten and schema.all_valid(typed, lo, hi):
-        return Decoded(typed, [], b"[" + b",".join(raws) + b"]")
-    return _checked(schema, typed, indices, rejected, lo, hi)
+        # The array is joined only if the spool needs it (not for a batch of retries).
+        return Decoded(typed, [], None, raws)
+    return _checked(schema, typed, indices, rejected, lo, hi, item_raws)
 
 
 def split_json(schema: StreamSchema[Any], body: bytes) -> list[msgspec.Raw]:
@@ -343,12 +364,13 @@ def _groups(raws: Sequence[bytes | msgspec.Raw]) -> list[tuple[int, int]]:
 
 def _decode_items(
     schema: StreamSchema[T], raws: Sequence[bytes | msgspec.Raw], pause: bool = False
-) -> tuple[list[T], list[int], list[Rejected], int, bool]:
-    """Typed items with their batch indices, rejected items, how many items were not
-    usable JSON at all, and whether an item's value was rewritten (a leap second), so
-    the bytes as sent must not be stored."""
+) -> tuple[list[T], list[int], list[bytes | msgspec.Raw], list[Rejected], int, bool]:
+    """Typed items with their batch indices and JSON, rejected items, how many items
+    were not usable JSON at all, and whether an item was decoded alone (its value may
+    have been rewritten: a leap second), so the whole body as sent must not be stored."""
     typed: list[T] = []
     indices: list[int] = []
+    item_raws: list[bytes | msgspec.Raw] = []
     rejected: list[Rejected] = []
     unusable = 0
     reasons = 0
@@ -367,14 +389,16 @@ def _decode_items(
         if decoded is not None and len(decoded) == end - start:
             typed.extend(decoded)
             indices.extend(range(start, end))
+            item_raws.extend(group)
             continue
         for index in range(start, end):
             if index % PAUSE_EVERY == 0:
                 sleep(PAUSE_SECONDS)
-            item, item_id, errors, bad_json = _decode_one(schema, raws[index])
+            item, fixed, item_id, errors, bad_json = _decode_one(schema, raws[index])
             if item is not None:
                 typed.append(item)
                 indices.append(index)
+                item_raws.append(msgspec.json.encode(item) if fixed else raws[index])
                 rewritten = True  # valid alone, not in its group: a leap second
                 continue
             unusable += bad_json
@@ -382,7 +406,7 @@ def _decode_items(
                 errors = errors[:1]
             reasons += len(errors)
             rejected.append(Rejected(index, item_id, errors))
-    return typed, indices, rejected, unusable, rewritten
+    return typed, indices, item_raws, rejected, unusable, rewritten
 
 
 def _no_sleep(_: float) -> None:
@@ -404,16 +428,16 @@ def _few_attempts(schema: StreamSchema[Any], raw: bytes | msgspec.Raw) -> bool:
 
 def _decode_one(
     schema: StreamSchema[T], raw: bytes | msgspec.Raw
-) -> tuple[T | None, str | None, list[str], bool]:
-    """(item, None, [], False) when valid; else (None, its id, reasons, whether it was
-    not usable JSON at all)."""
+) -> tuple[T | None, bool, str | None, list[str], bool]:
+    """(item, whether a value was rewritten, None, [], False) when valid; else (None,
+    False, its id, reasons, whether it was not usable JSON at all)."""
     # Only the message is kept: an exception bound past its except block would tie a
     # reference cycle (traceback -> frame -> exception) per item, and 10,000 of them made
     # the cyclic GC run 100 ms passes holding the GIL, which stalls the event loop.
     message: str
     if len(raw) <= GROUP_BYTES or _few_attempts(schema, raw):
         try:
-            return schema.item_decoder.decode(raw), None, [], False
+            return schema.item_decoder.decode(raw), False, None, [], False
         except msgspec.ValidationError as exc:
             message = str(exc)
         except _DECODE_ERRORS as exc:
@@ -421,11 +445,11 @@ def _decode_one(
         if "`$.timestamp`" in message:
             item = _with_leap_second(schema, raw)
             if item is not None:
-                return item, None, [], False
+                return item, True, None, [], False
     else:
         message = "invalid"
     item_id, errors, bad_json = _explain(schema, raw, message)
-    return None, item_id, errors, bad_json
+    return None, False, item_id, errors, bad_json
 
 
 def _with_leap_second(schema: StreamSchema[T], raw: bytes | msgspec.Raw) -> T | None:
@@ -519,9 +543,12 @@ def _checked(
     rejected: list[Rejected],
     lo: datetime,
     hi: datetime,
+    raws: Sequence[bytes | msgspec.Raw] | None = None,
 ) -> Decoded[T]:
-    """Apply the rules msgspec does not check to typed items; merge with `rejected`."""
+    """Apply the rules msgspec does not check to typed items; merge with `rejected`.
+    `raws`: the items' JSON, in step with `typed` (kept for the valid ones)."""
     items: list[T] = []
+    kept: list[bool] = []
     found: list[Rejected] = []
     check = schema.check
     reasons = sum(len(r.errors) for r in rejected)
@@ -534,9 +561,12 @@ def _checked(
             found.append(Rejected(index, schema.item_id(item), problems))
         else:
             items.append(item)
+        kept.append(not problems)
     if found:
         rejected = sorted([*rejected, *found], key=_index)
-    return Decoded(items, rejected)
+    if raws is not None and found:
+        raws = list(compress(raws, kept))
+    return Decoded(items, rejected, None, raws)
 
 
 def _index(rejected: Rejected) -> int:

@@ -27,7 +27,7 @@ import msgspec
 
 from metering import metrics
 from metering.ingest.decode import Decoded, Rejected, StreamSchema, T
-from metering.ingest.gate import DedupGate
+from metering.ingest.gate import DedupGate, key_hashes
 from metering.ingest.spool import Cursor, Record, Spool, Ticket, Unavailable
 from metering.ingest.store import IngestStore
 
@@ -173,29 +173,37 @@ class StreamPipeline(Generic[T]):
     # -- request path -------------------------------------------------------------------
 
     def submit(self, decoded: Decoded[T]) -> SubmitResult:
-        """Admit and spool a decoded batch. Raises SpoolFull (-> 503)."""
+        """Admit and spool a decoded batch. Raises SpoolFull (-> 503). Thread-safe: the
+        routes call it on the event loop for small batches, in a decode thread for
+        large ones. Work that needs no lock (ids, their hashes, the batch's tenant keys)
+        is done before taking the gate's lock, which a small batch on the loop may wait
+        for."""
         items = decoded.items
         ids = list(map(self._id_of, items))
+        hashes = key_hashes(ids)
+        all_keys: list[tuple[str, str]] = []
+        if self._key_of is not None:
+            all_keys = list(set(map(self._key_of, items)))
         with self.gate.lock:
-            fresh = self.gate.admit(ids)
-            if all(fresh):
-                accepted, accepted_ids = items, ids
+            fresh = self.gate.admit(ids, hashes)
+            everything = all(fresh)
+            if everything:
+                accepted, accepted_ids, keys = items, ids, all_keys
             else:
                 accepted = list(compress(items, fresh))
                 accepted_ids = list(compress(ids, fresh))
+                keys = all_keys
+                if self._key_of is not None and len(all_keys) > 1:
+                    keys = list(set(map(self._key_of, accepted)))
             ticket = None
             seq = -1
             if accepted:
-                keys: list[tuple[str, str]] = []
-                if self._key_of is not None:
-                    keys = list(set(map(self._key_of, accepted)))
                 seq = self._appended_seq + 1
                 meta = _meta_encoder.encode(_Meta(accepted_ids, keys, seq))
-                # The rows as a JSON array: the gateway's own bytes when the whole batch
-                # is valid and new (no re-encoding), otherwise the accepted items.
-                if accepted is items and decoded.raw is not None:
-                    data = decoded.raw
-                else:
+                # The rows as a JSON array: the gateway's own bytes of the accepted items
+                # when the decoder kept them (no re-encoding), else the items encoded.
+                data = decoded.array(None if everything else fresh)
+                if data is None:
                     data = _rows_encoder.encode(accepted)
                 ticket = self.spool.enqueue(meta, data, len(accepted))
                 self._last_ticket = ticket

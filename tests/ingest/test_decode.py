@@ -208,8 +208,9 @@ def test_large_valid_body_decodes_like_the_fast_path(ndjson: bool) -> None:
     decoded = decode_batch(EVENTS, body, ndjson=ndjson)
     assert decoded.rejected == []
     assert [item.event_id for item in decoded.items] == [f"evt-{i}" for i in range(6_000)]
-    assert decoded.raw is not None
-    assert json.loads(decoded.raw) == items
+    array = decoded.array()  # the items' bytes as sent, joined without encoding
+    assert array is not None
+    assert json.loads(array) == items
 
 
 def test_large_body_with_some_invalid_items_keeps_the_valid_ones() -> None:
@@ -218,3 +219,43 @@ def test_large_body_with_some_invalid_items_keeps_the_valid_ones() -> None:
     assert len(decoded.items) == 7_992
     assert [r.index for r in decoded.rejected] == [i for i in range(8_000) if i % 1000 == 7]
     assert {tuple(r.errors) for r in decoded.rejected} == {("documents: must be >= 0",)}
+
+
+@pytest.mark.parametrize("ndjson", [False, True])
+def test_valid_items_of_a_partial_batch_keep_their_bytes_as_sent(ndjson: bool) -> None:
+    """A large batch with rejected items: each valid item's JSON is kept as sent (keys
+    outside the schema included: the store's column list drops them), so the spool does
+    not encode 10,000 items again; a leap second is the one item encoded again."""
+    day = (datetime.now(UTC) - timedelta(days=2)).date()
+    items = [event(i, note="x" * 200) for i in range(6_000)]
+    items[7]["documents"] = -1  # refused by msgspec: decoded alone, explained
+    items[4_000]["tenant_id"] = "acme corp"  # refused by the rules after decoding
+    items[5_000]["timestamp"] = f"{day}T23:59:60Z"
+    body = _ndjson(items) if ndjson else _json(items)
+    assert len(body) > 2 * GROUP_BYTES
+    decoded = decode_batch(EVENTS, body, ndjson=ndjson)
+    assert [r.index for r in decoded.rejected] == [7, 4_000]
+    assert decoded.raw is None and decoded.raws is not None
+    assert len(decoded.raws) == len(decoded.items) == 5_998
+    sent = [msgspec.json.encode(item) for i, item in enumerate(items) if i not in (7, 4_000)]
+    leap = sent.index(msgspec.json.encode(items[5_000]))
+    assert [bytes(raw) for i, raw in enumerate(decoded.raws) if i != leap] == [
+        s for i, s in enumerate(sent) if i != leap
+    ]
+    assert msgspec.json.decode(decoded.raws[leap])["timestamp"] == f"{day}T23:59:59.999000Z"
+    keep = [i % 3 != 0 for i in range(len(decoded.items))]
+    array = decoded.array(keep)
+    assert array is not None
+    kept = [item.event_id for item, k in zip(decoded.items, keep, strict=True) if k]
+    assert [row["event_id"] for row in json.loads(array)] == kept
+    assert decoded.array([False] * len(keep)) == b"[]"
+
+
+def test_a_batch_decoded_on_the_loop_has_no_item_bytes() -> None:
+    """The fast path keeps the whole array when every item is valid, and nothing when
+    one is not (the spool then encodes the accepted items)."""
+    good = decode_fast(EVENTS, _json([event(1), event(2)]), ndjson=False)
+    assert good is not None and good.array() == good.raw
+    assert good.array([True, False]) is None
+    partial = decode_fast(EVENTS, _json([event(1), event(2, tenant_id="a b")]), ndjson=False)
+    assert partial is not None and partial.raw is None and partial.array() is None

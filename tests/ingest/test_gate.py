@@ -99,3 +99,31 @@ def test_failing_duplicate_lookup_is_503(settings: Settings, admin_headers: dict
         assert response.headers["retry-after"] == "5"
         assert response.json()["error"].startswith("cannot check for duplicates now")
         assert send(second).json()["duplicates"] == 5
+
+
+def test_retries_of_pending_and_recent_keys_are_decided_without_a_lookup() -> None:
+    """A batch of retries (a gateway resending 10,000 events) is answered from memory:
+    keys still pending (spooled, not stored) and recently stored ones are duplicates,
+    repeats inside the batch count once, and only a key neither layer knows is looked
+    up, once."""
+    looked_up: list[list[str]] = []
+
+    def lookup(ids: list[str]) -> set[str]:
+        looked_up.append(ids)
+        return {"old"}
+
+    gate = DedupGate(lookup, lambda: iter(()))
+    stored_keys = [f"s{i}" for i in range(5_000)]
+    pending_keys = [f"p{i}" for i in range(5_000)]
+    with gate.lock:
+        assert gate.admit(stored_keys) == [True] * 5_000
+        gate.mark_pending(0, stored_keys)
+        assert gate.admit(pending_keys, key_hashes(pending_keys)) == [True] * 5_000
+        gate.mark_pending(1, pending_keys)
+    gate.stored(0)
+    gate.bloom.add(key_hashes(["old", "gone"]))  # Bloom positives no layer knows
+    batch = [*pending_keys, *stored_keys, "new", "p1", "new", "old", "gone", "gone"]
+    with gate.lock:
+        fresh = gate.admit(batch)
+    assert fresh == [False] * 10_000 + [True, False, False, False, True, False]
+    assert looked_up == [["old", "gone"]]
