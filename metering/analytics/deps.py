@@ -77,7 +77,7 @@ class AnalyticsState(Protocol):
     def probes(self) -> Barrier: ...
 
 
-def analytics_state(request: Request) -> AnalyticsState:
+async def analytics_state(request: Request) -> AnalyticsState:
     return cast(AnalyticsState, request.app.state.services)
 
 

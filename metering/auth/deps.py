@@ -28,7 +28,7 @@ class AuthState(Protocol):
     sessions: sessionmaker[Session]
 
 
-def auth_state(request: Request) -> AuthState:
+async def auth_state(request: Request) -> AuthState:
     return cast(AuthState, request.app.state.services)
 
 
