@@ -192,28 +192,52 @@ def _utc(t: datetime) -> datetime:
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
+EVENTS_AFTER = (
+    "SELECT count() FROM rerank_events"
+    f" WHERE timestamp >= {{end:{_T64}}} AND timestamp < {{day_end:{_T64}}}"
+)
+
+
 def active_accounts(ch: Client, window: Window, settings: dict[str, object] | None = None) -> int:
-    """Distinct tenants with an event in the window, exactly (bitmap union)."""
+    """Distinct tenants with an event in the window, exactly (bitmap union).
+
+    Whole days come from the daily bitmaps, other whole hours from the hourly ones, the
+    partial hours at the edges from raw rows (read in time order from p_by_time). The
+    last day is whole too when nothing is stored after the window's end on that day
+    (the usual case for a window ending now; an event may be up to 5 minutes ahead):
+    then its daily bitmap holds exactly the tenants of [its midnight, end)."""
     start, end = window.start, window.end
     params: dict[str, object] = {}
-    branches = []
     d1, d2 = ceil_day(start), floor_day(end)
     h1, h2 = ceil_hour(start), floor_hour(end)
+    days: tuple[datetime, datetime] | None = None
     hour_ranges: list[tuple[datetime, datetime]] = []
     raw: list[tuple[datetime, datetime]] = []
-    if h1 < h2:
-        if d1 < d2:
-            params["d1"], params["d2"] = d1.date(), d2.date()
-            branches.append(
-                "SELECT groupBitmapState(tenant_num) AS s FROM rerank_events"
-                " WHERE toDate(timestamp) >= {d1:Date} AND toDate(timestamp) < {d2:Date}"
-            )
+    if h1 >= h2:
+        raw = [(start, end)]
+    else:
+        if d1 <= d2:
+            days = (d1, d2)
             hour_ranges = [(h1, d1), (d2, h2)]
         else:
             hour_ranges = [(h1, h2)]
         raw = [(start, h1), (h2, end)]
-    else:
-        raw = [(start, end)]
+        if start <= d2 < end and d1 <= d2:
+            day_end = d2 + timedelta(days=1)
+            after = ch.query(
+                EVENTS_AFTER, parameters={"end": ms(end), "day_end": ms(day_end)}
+            ).result_rows[0][0]
+            if not int(after):
+                days = (d1, day_end)
+                hour_ranges = [(h1, d1)]
+                raw = [(start, h1)]
+    branches = []
+    if days is not None and days[0] < days[1]:
+        params["d1"], params["d2"] = days[0].date(), days[1].date()
+        branches.append(
+            "SELECT groupBitmapState(tenant_num) AS s FROM rerank_events"
+            " WHERE toDate(timestamp) >= {d1:Date} AND toDate(timestamp) < {d2:Date}"
+        )
     for i, (a, b) in enumerate(r for r in hour_ranges if r[0] < r[1]):
         branches.append(
             "SELECT groupBitmapState(tenant_num) AS s FROM rerank_events WHERE "
@@ -225,6 +249,8 @@ def active_accounts(ch: Client, window: Window, settings: dict[str, object] | No
             "SELECT groupBitmapState(tenant_num) AS s FROM rerank_events WHERE "
             + _ranges(raw, params)
         )
+    if not branches:
+        return 0
     sql = "SELECT groupBitmapOr(s) FROM (" + " UNION ALL ".join(branches) + ")"
     return int(ch.query(sql, parameters=params, settings=settings or {}).result_rows[0][0])
 

@@ -180,7 +180,18 @@ def test_stats_equal_brute_force_to_the_last_digit(
     got30 = client.get("/v1/stats", headers=admin_headers).json()
     want30 = _brute(loaded, book, NOW - timedelta(days=30), NOW + timedelta(minutes=5))
     assert got30["requests"] == want30["requests"]
+    assert got30["active_accounts"] == want30["active_accounts"]
     assert Decimal(got30["spend_usd"]) == want30["spend"]
+    # Windows ending today count today's tenants from the daily bitmap only while nothing
+    # is stored after their end: an event 2 minutes ahead (allowed) must not count before.
+    ahead = event("fig-ahead", timestamp=_iso(NOW + timedelta(minutes=2)), tenant_id="acct-ahead")
+    _post(client, admin_headers, [ahead])
+    for end, extra in ((NOW + timedelta(seconds=1), 0), (NOW + timedelta(minutes=3), 1)):
+        params = {"from": _iso(end - timedelta(days=30)), "to": _iso(end)}
+        got = client.get("/v1/stats", params=params, headers=admin_headers).json()
+        want = _brute(loaded, book, end - timedelta(days=30), end)
+        assert got["active_accounts"] == want["active_accounts"] + extra
+        assert got["requests"] == want["requests"] + extra
     # One tenant, through the admin's tenant_id=.
     one = client.get(
         "/v1/stats",
