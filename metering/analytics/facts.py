@@ -118,14 +118,15 @@ _BUCKETS = {
 }
 
 
-def _span(t: str, bucket: str | None) -> str:
+def _span(t: str, bucket: str | None, bounded: bool) -> str:
     """The start of a row's rating span: the later of its bucket's start (the window's
     first hour without buckets) and the last price boundary at or before `t`. Every
-    price entry of the window is a boundary, so one price covers each span."""
-    return (
-        f"greatest({_BUCKETS[bucket].replace('{t}', t)},"
-        f" arrayLast(b -> b <= {t}, {{bounds:Array({_T64})}}))"
-    )
+    price entry of the window is a boundary, so one price covers each span. Without a
+    boundary in the window the bucket's start is the span (no per-row array search)."""
+    start = _BUCKETS[bucket].replace("{t}", t)
+    if not bounded:
+        return start
+    return f"greatest({start}, arrayLast(b -> b <= {t}, {{bounds:Array({_T64})}}))"
 
 
 def facts(
@@ -152,7 +153,7 @@ def facts(
         # Every expression is of toStartOfHour(timestamp), the projection's key.
         params["split"] = p.split_hours
         selects.append(
-            f"SELECT {_span('toStartOfHour(timestamp)', bucket)} AS span,"
+            f"SELECT {_span('toStartOfHour(timestamp)', bucket, bool(boundaries))} AS span,"
             f" provider, model, status{key_cols}, {_SUMS} FROM rerank_events WHERE "
             + _hour_range(params, p.hours[0], p.hours[1], "h")
             + " AND NOT has({split:Array(DateTime('UTC'))}, toStartOfHour(timestamp))"
@@ -161,7 +162,7 @@ def facts(
         )
     if p.raw:
         selects.append(
-            f"SELECT {_span('timestamp', bucket)} AS span,"
+            f"SELECT {_span('timestamp', bucket, bool(boundaries))} AS span,"
             f" provider, model, status{key_cols}, {_SUMS} FROM rerank_events WHERE "
             + _ranges(p.raw, params)
             + _where(filters)

@@ -344,3 +344,27 @@ def test_cached_hourly_peaks_follow_late_events(
     after = peaks()
     assert after["azure"] >= before["azure"] + 3
     assert after["azure"] == before["azure"] + 3 or after["azure"] > len(late)
+
+
+def test_windows_without_a_price_change_are_exact_too(
+    client: TestClient, admin_headers: dict[str, str], loaded: list[dict[str, Any]]
+) -> None:
+    # No boundary in the window: spans are the buckets themselves (no per-row search).
+    book = _book(client, admin_headers)
+    start = BASE + timedelta(minutes=31, milliseconds=7)
+    end = BASE + timedelta(hours=4, minutes=2)
+    assert book.boundaries(start, end) == []
+    want = _brute(loaded, book, start, end)
+    params = {"from": _iso(start), "to": _iso(end)}
+    stats = client.get("/v1/stats", params=params, headers=admin_headers).json()
+    assert (stats["requests"], Decimal(stats["spend_usd"])) == (want["requests"], want["spend"])
+    for granularity in ("hour", "day"):
+        series = client.get(
+            "/v1/usage",
+            params={**params, "granularity": granularity, "group_by": "tenant_id,model"},
+            headers=admin_headers,
+        ).json()["series"]
+        assert sum(row["requests"] for row in series) == want["requests"]
+        priced = [Decimal(row["cost_usd"]) for row in series if row["cost_usd"] is not None]
+        assert {row["model"] for row in series if row["cost_usd"] is None} <= {"mystery-model"}
+        assert sum(priced) == want["spend"]
