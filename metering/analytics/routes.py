@@ -132,13 +132,12 @@ async def get_usage(
     await fresh(state)
     book = state.prices.get()
 
-    def work() -> dict[str, Any]:
-        with state.reads.client() as ch:
-            return service.usage(
-                ch, book, span, granularity=granularity, group_by=keys, filters=filters
-            )
-
-    return await run_in_threadpool(work)
+    return await _read(
+        state,
+        lambda ch: service.usage(
+            ch, book, span, granularity=granularity, group_by=keys, filters=filters
+        ),
+    )
 
 
 @router.get("/providers", responses=_READ_ERRORS)
@@ -157,8 +156,4 @@ async def get_providers(
     book = state.prices.get()
     now = datetime.now(UTC)
 
-    def work() -> dict[str, Any]:
-        with state.reads.client() as ch:
-            return service.providers(ch, book, span, tenant, now)
-
-    return await run_in_threadpool(work)
+    return await _read(state, lambda ch: service.providers(ch, book, span, tenant, now))
