@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
 from metering.app import create_app, wait_ready
-from metering.clickhouse.client import make_client
+from metering.clickhouse.client import forget_database, make_client
 from metering.services import Services
 from metering.settings import Settings
 
@@ -38,6 +38,7 @@ def ch_database(chdb_path: Path) -> Iterator[str]:
     yield name
     client = make_client(f"chdb://{chdb_path}", "default")
     client.command(f"DROP DATABASE IF EXISTS `{name}`")
+    forget_database(f"chdb://{chdb_path}", name)
 
 
 @pytest.fixture

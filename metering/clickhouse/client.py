@@ -36,6 +36,13 @@ QUERY_SETTINGS: dict[str, Any] = {
 }
 
 SCHEMES = ("chdb", "http", "https")
+_CREATED: set[tuple[str, str]] = set()  # chDB (path, database) pairs this process created
+
+
+def forget_database(url: str, database: str) -> None:
+    """After `DROP DATABASE`: the next client on it creates it again."""
+    parts = urlsplit(url)
+    _CREATED.discard((unquote(parts.netloc + parts.path), database))
 
 
 def check_url(url: str) -> None:
@@ -55,11 +62,15 @@ def make_client(url: str, database: str = "default") -> Client:
     parts = urlsplit(url)
     if parts.scheme == "chdb":
         path = unquote(parts.netloc + parts.path)
-        bootstrap = StreamingChdbClient(path=path)
-        try:
-            bootstrap.command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
-        finally:
-            bootstrap.close()
+        if (path, database) not in _CREATED:
+            bootstrap = StreamingChdbClient(path=path)
+            try:
+                bootstrap.command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+            finally:
+                bootstrap.close()
+            # chDB is in this process: a database made here stays until this process
+            # drops it (tests do, through `forget_database`).
+            _CREATED.add((path, database))
         return StreamingChdbClient(path=path, database=database, settings=QUERY_SETTINGS)
     db_in_url = parts.path.strip("/") or None
     target = database if database != "default" or db_in_url is None else db_in_url
