@@ -14,9 +14,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from clickhouse_connect.driver.exceptions import OperationalError
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import OperationalError as SAOperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -42,6 +45,7 @@ from metering.health.routes import router as health_router
 from metering.http.protocol import CLIENT_GONE, CLOSED_STATUS
 from metering.ingest.routes import IngestState
 from metering.ingest.routes import router as ingest_router
+from metering.ingest.spool import Unavailable
 from metering.prices.routes import router as prices_router
 from metering.scheduler import Scheduler
 from metering.services import Services
@@ -129,6 +133,17 @@ async def _tenant_forbidden(_: Request, exc: Exception) -> Response:
     return error_response(403, f"tenant_id: {exc}")
 
 
+async def _unavailable(_: Request, exc: Exception) -> Response:
+    """A store not connected yet, or one that refused the connection: retry later."""
+    if isinstance(exc, Unavailable):
+        reason = str(exc)
+    elif isinstance(exc, DBAPIError):
+        reason = "database: unreachable; retry"
+    else:
+        reason = "clickhouse: unreachable; retry"
+    return error_response(503, reason, {"Retry-After": "1"})
+
+
 async def _server_error(_: Request, exc: Exception) -> Response:
     """500 in the error shape, without details (Starlette logs the traceback)."""
     return error_response(500, "server: internal error")
@@ -186,6 +201,9 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(TenantForbidden, _tenant_forbidden)
+    app.add_exception_handler(Unavailable, _unavailable)
+    app.add_exception_handler(OperationalError, _unavailable)
+    app.add_exception_handler(SAOperationalError, _unavailable)
     app.add_exception_handler(Exception, _server_error)
     for router in (
         health_router,

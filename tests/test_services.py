@@ -67,6 +67,12 @@ def test_an_unreachable_store_at_start_keeps_the_process_up(settings: Settings, 
         refused = post_event(client)
         assert refused.status_code == 503
         assert refused.headers["retry-after"]
+        # Reads say the same: 503 with Retry-After in the error shape, never a 500.
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        for path in ("/v1/stats", "/v1/providers", "/v1/requests", "/v1/incidents"):
+            read = client.get(path, headers=headers)
+            assert read.status_code == 503, (path, read.text)
+            assert read.headers["retry-after"] and set(read.json()) == {"error", "errors"}
         assert client.get("/healthz").status_code == 200
     # Leaving the block shut the app down: the retry loop gave up at once.
 
