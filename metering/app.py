@@ -31,6 +31,8 @@ from metering.analytics.routes import router as figures_router
 from metering.auth.deps import AuthState
 from metering.auth.routes import router as api_keys_router
 from metering.auth.service import TenantForbidden
+from metering.budgets.routes import BudgetState
+from metering.budgets.routes import router as budgets_router
 from metering.db.deps import SessionState
 from metering.errors import (
     ApiError,
@@ -65,7 +67,8 @@ def _route_state(services: Services) -> Services:
     health: HealthState = services
     ingest: IngestState = services
     analytics: AnalyticsState = services
-    del auth, session, health, ingest, analytics
+    budgets: BudgetState = services
+    del auth, session, health, ingest, analytics, budgets
     return services
 
 
@@ -212,6 +215,7 @@ def create_app(
         prices_router,
         figures_router,
         log_router,
+        budgets_router,
     ):
         app.include_router(router)
 

@@ -63,3 +63,32 @@ SPOOL_REPLAYED = Counter(
     ["stream"],
     registry=REGISTRY,
 )
+BUDGET_RESYNC_SECONDS = Histogram(
+    "metering_budget_resync_seconds",
+    "Duration of one exact rebuild of budget spend from ClickHouse (writer held meanwhile)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+BUDGET_DRIFT_USD = Gauge(
+    "metering_budget_spend_drift_usd",
+    "Sum of |ledger spend - ClickHouse spend| over budget scopes found by the last "
+    "reconciliation (corrected when found; 0 is the expected value)",
+    registry=REGISTRY,
+)
+BUDGET_DRIFTED_SCOPES = Gauge(
+    "metering_budget_drifted_scopes",
+    "Budget scopes whose in-memory spend differed from ClickHouse at the last reconciliation",
+    registry=REGISTRY,
+)
+BUDGET_ALERTS = Counter(
+    "metering_budget_alerts_fired_total",
+    "Budget alerts fired by kind (threshold, forecast)",
+    ["kind"],
+    registry=REGISTRY,
+)
+ALERT_DELIVERIES = Counter(
+    "metering_alert_deliveries_total",
+    "Alert delivery attempts by channel type and outcome (delivered, retry, failed)",
+    ["channel", "outcome"],
+    registry=REGISTRY,
+)

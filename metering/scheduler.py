@@ -53,6 +53,12 @@ def _probe_trigger(services: Services) -> dict[str, Any] | None:
     return {"trigger": "interval", "seconds": services.settings.probe_interval_seconds}
 
 
+def _reconcile_budgets(services: Services) -> dict[str, Any]:
+    if not services.budgets.started:
+        return {"skipped": "budgets run inside `metering serve` only"}
+    return services.budgets.reconcile()
+
+
 def _register_tenants(services: Services) -> int:
     return register_from_clickhouse(services.ch, services.engine)
 
@@ -65,6 +71,12 @@ JOBS: dict[str, Job] = {
             "register every tenant and project that has events (backstop; hourly and at start)",
             _register_tenants,
             lambda _: {"trigger": "interval", "hours": 1, "next_run_time": datetime.now(UTC)},
+        ),
+        Job(
+            "reconcile-budgets",
+            "rebuild budget spend exactly from ClickHouse, report drift, fire forecast alerts",
+            _reconcile_budgets,
+            lambda _: {"trigger": "interval", "minutes": 1},
         ),
         Job(
             "probe",

@@ -25,6 +25,7 @@ from billing.prices.book import PriceBookCache
 from metering.analytics.deps import ReadPool
 from metering.analytics.projections import materialize_missing
 from metering.auth.service import KeyCache
+from metering.budgets.runtime import BudgetRuntime, Cut
 from metering.clickhouse import migrations as ch_migrations
 from metering.clickhouse.client import check_url, make_client
 from metering.db import migrations as relational_migrations
@@ -63,6 +64,7 @@ class Services:
     events: StreamPipeline[Event]
     probes: StreamPipeline[Probe]
     numbers: TenantNumbers
+    budgets: BudgetRuntime
     connect: ClientFactory = make_client
     started: bool = False  # writers running
     ready: bool = False  # started, and start-up hooks done: /readyz says 200
@@ -101,6 +103,13 @@ class Services:
         engine = make_engine(settings.resolved_database_url)  # connects on first use
         fsync = settings.spool_fsync == "always"
         numbers = TenantNumbers(engine)
+        sessions = make_session_factory(engine)
+        budgets = BudgetRuntime(
+            sessions,
+            smtp_url=settings.smtp_url,
+            smtp_from=settings.smtp_from,
+            allow_private=settings.webhook_allow_private,
+        )
         events: StreamPipeline[Event] = StreamPipeline(
             EVENTS,
             settings.data_dir / "spool" / "events",
@@ -108,6 +117,7 @@ class Services:
             fsync=fsync,
             on_keys=numbers.register,
             key_of=_event_key,
+            admission=budgets,
         )
         probes: StreamPipeline[Probe] = StreamPipeline(
             PROBES,
@@ -115,9 +125,16 @@ class Services:
             max_spool_bytes=settings.spool_max_bytes,
             fsync=fsync,
         )
-        sessions = make_session_factory(engine)
         return cls(
-            settings, admin_token, engine, sessions, events, probes, numbers, connect=connect
+            settings,
+            admin_token,
+            engine,
+            sessions,
+            events,
+            probes,
+            numbers,
+            budgets,
+            connect=connect,
         )
 
     def _connect_clickhouse(self) -> None:
@@ -162,6 +179,10 @@ class Services:
             _step("database", self.numbers.sync)
             _step("clickhouse", lambda: materialize_missing(self.ch))
             _step("clickhouse", lambda: self.events.start(events_store))
+        if not self.budgets.started:
+            events = self.events
+            cut = Cut(events.hold, events.wait_stored_through, events.release)
+            _step("clickhouse", lambda: self.budgets.start(self.ch, self.prices, cut))
         if not self.probes.running:
             _step("clickhouse", lambda: self.probes.start(probes_store))
         self.started = True
@@ -212,6 +233,7 @@ class Services:
 
     def close(self) -> None:
         self._stop_starting.set()
+        self.budgets.stop()
         self.events.stop()  # drains if its writer runs; closes the spool either way
         self.probes.stop()
         self.reads.close()

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     invoice_grace_days: int = Field(default=1, ge=0)
     probe_targets: str | None = None
     webhook_allow_private: bool = False
+    smtp_url: str | None = None  # smtp://user:pass@host:587 (STARTTLS if offered) or smtps://
+    smtp_from: str | None = None
+    stripe_api_key: str | None = None
+    stripe_webhook_secret: str | None = None
 
     # Ingest tuning (not in the contract's table; documented in the README).
     spool_max_bytes: int = Field(default=2 * 1024**3, ge=1024 * 1024)

@@ -15,13 +15,13 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import compress
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, Generic
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
@@ -32,6 +32,7 @@ from metering.ingest.spool import Cursor, Record, Spool, Ticket, Unavailable
 from metering.ingest.store import IngestStore
 
 log = logging.getLogger(__name__)
+T_contra = TypeVar("T_contra", contravariant=True)
 
 
 def _array_body(array: bytes) -> memoryview:
@@ -50,6 +51,19 @@ WRITER_MAX_BYTES = 64 * 1024 * 1024
 WRITER_IDLE_WAIT = 0.05
 
 KeysCallback = Callable[[set[tuple[str, str]]], None]
+
+
+class AdmissionHook(Protocol[T_contra]):
+    """Told about every admitted batch (the budgets' spend ledger).
+
+    `prepare` runs on the request path after admission, outside the gate's lock, and
+    returns what `durable` needs (or None: nothing to tell). `durable(seq, prepared)`
+    runs once the batch's spool write has succeeded, before its 202 can leave, on the
+    spool's appender thread or the caller's: it must be quick and must not block."""
+
+    def prepare(self, items: Sequence[T_contra]) -> Any | None: ...
+
+    def durable(self, seq: int, prepared: Any) -> None: ...
 
 
 class _Meta(msgspec.Struct, array_like=True):
@@ -72,6 +86,38 @@ class SubmitResult:
     rejected: list[Rejected]
     ticket: Ticket | None  # the spool write of the accepted rows (None: nothing new)
     seq: int
+    admitted: _Admitted | None = None  # tells the admission hook, once durable
+
+
+class _Admitted:
+    """Hands a durable batch to the admission hook exactly once, and before its 202.
+
+    The spool's ticket runs its callbacks after it wakes waiters, so the callback alone
+    could run after the request already answered; the request path therefore also calls
+    `settle` once its wait returned, and whichever comes first applies it while the
+    other waits for that to finish."""
+
+    __slots__ = ("_applied", "_claim", "hook", "prepared", "seq")
+
+    def __init__(self, hook: AdmissionHook[Any], seq: int, prepared: Any) -> None:
+        self.hook = hook
+        self.seq = seq
+        self.prepared = prepared
+        self._claim = threading.Lock()
+        self._applied = threading.Event()
+
+    def on_written(self, ticket: Ticket) -> None:
+        if ticket.error is None:
+            self.settle()
+
+    def settle(self) -> None:
+        if self._claim.acquire(blocking=False):
+            try:
+                self.hook.durable(self.seq, self.prepared)
+            finally:
+                self._applied.set()
+        else:
+            self._applied.wait(5.0)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -92,8 +138,10 @@ class StreamPipeline(Generic[T]):
         on_keys: KeysCallback | None = None,
         key_of: Callable[[T], tuple[str, str]] | None = None,
         store: IngestStore | None = None,
+        admission: AdmissionHook[T] | None = None,
     ) -> None:
         self.schema = schema
+        self.admission = admission
         # The ClickHouse side may come later (`start(store)`): the spool opens without
         # it, so a process whose ClickHouse is not reachable yet still starts.
         self._ingest_store = store
@@ -113,6 +161,8 @@ class StreamPipeline(Generic[T]):
         self._lost: set[int] = set()  # seqs whose spool write failed (never acknowledged)
         self._last_ticket: Ticket | None = None
         self.last_error: str | None = None
+        # The writer stores no record after this seq while it is set (`hold`).
+        self._hold: int | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -217,16 +267,23 @@ class StreamPipeline(Generic[T]):
                 # Duplicates may name keys whose record is still being written: answer
                 # only once everything enqueued before is on disk (or fail with it).
                 ticket = self._last_ticket
+        result = SubmitResult(
+            len(accepted), len(items) - len(accepted), decoded.rejected, ticket, seq
+        )
         if seq >= 0 and ticket is not None:
             ticket.add_done_callback(partial(self._written, seq))
+            if self.admission is not None:
+                prepared = self.admission.prepare(accepted)
+                if prepared is not None:
+                    admitted = _Admitted(self.admission, seq, prepared)
+                    ticket.add_done_callback(admitted.on_written)
+                    result.admitted = admitted
         metrics.INGEST_ITEMS.labels(self.schema.name, "accepted").inc(len(accepted))
         metrics.INGEST_ITEMS.labels(self.schema.name, "duplicate").inc(len(items) - len(accepted))
         metrics.INGEST_ITEMS.labels(self.schema.name, "rejected").inc(len(decoded.rejected))
         metrics.SPOOL_BYTES.labels(self.schema.name).set(self.spool.pending_bytes)
         self._wake.set()
-        return SubmitResult(
-            len(accepted), len(items) - len(accepted), decoded.rejected, ticket, seq
-        )
+        return result
 
     def wait_durable(self, result: SubmitResult) -> None:
         """Block until the batch's record is in the spool (and fsync'd)."""
@@ -257,6 +314,8 @@ class StreamPipeline(Generic[T]):
             # released them already; releasing twice is harmless).
             self.gate.release(result.seq)
             raise
+        if result.admitted is not None:
+            result.admitted.settle()
 
     def _written(self, seq: int, ticket: Ticket) -> None:
         """The spool write of record `seq` ended. If it failed, its keys leave the gate
@@ -308,6 +367,37 @@ class StreamPipeline(Generic[T]):
             delay = min(delay * 2, 0.02)
         return True
 
+    def hold(self) -> int:
+        """Let the writer store every record admitted so far, and none after, until
+        `release`; returns the last admitted record's seq (-1: none). Admission goes on
+        meanwhile (batches are spooled and answered); only storing waits. With
+        `wait_stored_through(seq)`, ClickHouse then holds exactly the records up to seq:
+        a cut that the budgets' ledger reads its base at."""
+        with self.gate.lock:
+            self._hold = self._appended_seq
+            return self._hold
+
+    def release(self) -> None:
+        self._hold = None
+        self._wake.set()
+
+    def wait_stored_through(self, seq: int, timeout: float) -> bool:
+        with self._stored_cond:
+            self._wake.set()
+            return self._stored_cond.wait_for(lambda: self._stored_seq >= seq, timeout)
+
+    def _until_hold(self, records: list[Record]) -> list[Record]:
+        """The records the writer may store now (all of them unless a hold is set)."""
+        hold = self._hold
+        if hold is None:
+            return records
+        allowed = []
+        for record in records:
+            if _meta_decoder.decode(record.meta).seq > hold:
+                break
+            allowed.append(record)
+        return allowed
+
     # -- writer -------------------------------------------------------------------------
 
     def _lookup(self, ids: list[str]) -> set[str]:
@@ -332,6 +422,7 @@ class StreamPipeline(Generic[T]):
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            records = self._until_hold(records)
             if not records:
                 self._wake.wait(WRITER_IDLE_WAIT)
                 self._wake.clear()

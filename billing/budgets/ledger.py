@@ -1,0 +1,388 @@
+"""Spend per budgeted scope and period, kept current as events are admitted.
+
+This is what `POST /v1/authorize` reads: no database and no ClickHouse on its path, and
+it reflects every event acknowledged before the call (read-your-writes), because the
+ingest pipeline hands each admitted batch's usage to the ledger when the batch's spool
+write completes, which is before the `202` leaves.
+
+What is kept: for each tracked scope (a tenant, or a tenant's project, that has a
+budget) and period (calendar month, UTC), the billable quantities (input tokens, output
+tokens, doc-query pairs) per price entry. Spend is rated from those with
+`billing.rating`, the same function as every other figure, so it is exact and agrees with
+stats and invoices. Quantities, not amounts, are summed: rating a sum equals summing the
+ratings (the formula is linear), and a sum of integers is cheaper per event.
+
+Exactness against ClickHouse (start-up, a new budget, the minute's reconciliation, a
+price book change) uses a cut on the ingest pipeline's record numbers (`seq`): the
+caller stops the writer after record S, waits until records up to S are stored, reads the
+scopes' usage from ClickHouse (everything up to S, nothing after), and hands it to
+`finish_resync`; batches after S that were admitted meanwhile are added on top
+(`begin_resync` starts collecting them). No event is counted twice or missed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Protocol
+
+from billing.budgets.forecast import month_start, period_of
+from billing.rating import EXACT, METERS, PriceBook, PriceEntry, meter_amount
+
+Scope = tuple[str, str | None]  # (tenant_id, project_id or None for the whole tenant)
+# A price entry's id, or ("unpriced", provider, model) for usage no entry covers.
+PriceKey = str | tuple[str, str, str]
+Quantities = list[int]  # [input_tokens, output_tokens, doc_query_pairs]
+UsageMap = dict[tuple[Scope, str], dict[PriceKey, Quantities]]
+
+
+class BillableEvent(Protocol):
+    """What the ledger reads of an event (read-only)."""
+
+    @property
+    def tenant_id(self) -> str: ...
+
+    @property
+    def project_id(self) -> str: ...
+
+    @property
+    def provider(self) -> str: ...
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def timestamp(self) -> datetime: ...
+
+    @property
+    def input_tokens(self) -> int: ...
+
+    @property
+    def output_tokens(self) -> int: ...
+
+    @property
+    def queries(self) -> int: ...
+
+    @property
+    def documents(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Limit:
+    """What the ledger needs of a budget."""
+
+    id: str
+    tenant_id: str
+    project_id: str | None
+    amount: Decimal
+    hard_limit: bool
+    thresholds: tuple[Decimal, ...] = ()
+
+    @property
+    def scope(self) -> Scope:
+        return (self.tenant_id, self.project_id)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One budget's standing in an authorize answer."""
+
+    limit: Limit
+    spend: Decimal
+    unpriced: bool
+
+    @property
+    def exhausted(self) -> bool:
+        return self.spend >= self.limit.amount
+
+    @property
+    def remaining(self) -> Decimal:
+        return max(Decimal(0), EXACT.subtract(self.limit.amount, self.spend))
+
+
+@dataclass
+class _Resync:
+    seq: int
+    scopes: set[Scope]
+    full: bool  # every tracked scope: the ledger is ready once one such resync ends
+    delta: UsageMap = field(default_factory=dict)
+
+
+def _merge(into: UsageMap, add: Mapping[tuple[Scope, str], Mapping[PriceKey, Quantities]]) -> None:
+    for key, by_price in add.items():
+        target = into.setdefault(key, {})
+        for price_key, q in by_price.items():
+            sums = target.get(price_key)
+            if sums is None:
+                target[price_key] = list(q)
+            else:
+                sums[0] += q[0]
+                sums[1] += q[1]
+                sums[2] += q[2]
+
+
+class SpendLedger:
+    """Thread-safe: admission threads add, the authorize path reads, a worker resyncs."""
+
+    def __init__(self, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.now = now
+        self._lock = threading.Lock()
+        self._limits: dict[str, Limit] = {}
+        self._by_tenant: dict[str, list[Limit]] = {}
+        self._usage: UsageMap = {}
+        self._spend: dict[tuple[Scope, str], tuple[Decimal, bool]] = {}
+        self._book = PriceBook([])
+        self._entries: dict[str, PriceEntry] = {}
+        self._latest: dict[tuple[str, str], PriceEntry] = {}
+        self._resync: _Resync | None = None
+        self._changed: set[Scope] = set()
+        self.ready = False  # built from ClickHouse at least once
+        self.on_change: Callable[[], None] | None = None  # wakes the alert worker
+
+    # -- budgets and prices ---------------------------------------------------------------
+
+    def set_limits(self, limits: Iterable[Limit]) -> set[Scope]:
+        """Replace the budgets; returns the scopes that were not tracked before (their
+        spend must be read from ClickHouse: `begin_resync(scopes)`)."""
+        with self._lock:
+            before = self._tracked()
+            self._limits = {limit.id: limit for limit in limits}
+            self._index()
+            after = self._tracked()
+            for key in [k for k in self._usage if k[0] not in after]:
+                del self._usage[key]
+                self._spend.pop(key, None)
+            return after - before
+
+    def put_limit(self, limit: Limit) -> bool:
+        """Add or change one budget; True if its scope is new (needs a resync)."""
+        with self._lock:
+            new = limit.scope not in self._tracked()
+            self._limits[limit.id] = limit
+            self._index()
+            self._changed.add(limit.scope)
+        self._notify()
+        return new
+
+    def drop_limit(self, budget_id: str) -> None:
+        with self._lock:
+            self._limits.pop(budget_id, None)
+            self._index()
+
+    def _index(self) -> None:
+        by_tenant: dict[str, list[Limit]] = {}
+        for limit in self._limits.values():
+            by_tenant.setdefault(limit.tenant_id, []).append(limit)
+        self._by_tenant = by_tenant
+
+    def _tracked(self) -> set[Scope]:
+        return {limit.scope for limit in self._limits.values()}
+
+    def tracked(self) -> set[Scope]:
+        with self._lock:
+            return self._tracked()
+
+    def limits(self) -> list[Limit]:
+        with self._lock:
+            return list(self._limits.values())
+
+    def limit(self, budget_id: str) -> Limit | None:
+        with self._lock:
+            return self._limits.get(budget_id)
+
+    def set_book(self, book: PriceBook) -> bool:
+        """Use `book` from now on; True if its entries differ from the last one's (spend
+        must then be resynced: an entry may apply to usage already counted)."""
+        entries = {e.id: e for e in book.entries}
+        with self._lock:
+            changed = entries.keys() != self._entries.keys()
+            self._book = book
+            self._entries = entries
+            latest: dict[tuple[str, str], PriceEntry] = {}
+            for e in book.entries:
+                key = (e.provider, e.model)
+                if key not in latest or e.effective_from > latest[key].effective_from:
+                    latest[key] = e
+            self._latest = latest
+            self._spend.clear()
+        return changed
+
+    @property
+    def book(self) -> PriceBook:
+        return self._book
+
+    # -- admission ------------------------------------------------------------------------
+
+    def prepare(self, items: Sequence[BillableEvent]) -> UsageMap | None:
+        """The usage of a batch's admitted events for tracked scopes (None if none).
+        Called on the request path outside any lock of the pipeline: cheap when the
+        batch's tenants have no budget (one dict lookup per event)."""
+        by_tenant = self._by_tenant
+        if not by_tenant:
+            return None
+        now = self.now()
+        current = month_start(now)
+        out: UsageMap = {}
+        latest = self._latest
+        book = self._book
+        for e in items:
+            limits = by_tenant.get(e.tenant_id)
+            if limits is None or e.status != "ok":
+                continue
+            ts = e.timestamp
+            if ts < current:
+                continue  # a late event of a past period: no budget counts it any more
+            period = period_of(ts)
+            entry = latest.get((e.provider, e.model))
+            if entry is None or ts < entry.effective_from:
+                entry = book.price_at(e.provider, e.model, ts)
+            price_key: PriceKey = (
+                entry.id if entry is not None else ("unpriced", e.provider, e.model)
+            )
+            q = (e.input_tokens, e.output_tokens, e.queries * e.documents)
+            seen: set[Scope] = set()
+            for limit in limits:
+                scope = limit.scope
+                if scope in seen or (scope[1] is not None and scope[1] != e.project_id):
+                    continue
+                seen.add(scope)
+                sums = out.setdefault((scope, period), {}).setdefault(price_key, [0, 0, 0])
+                sums[0] += q[0]
+                sums[1] += q[1]
+                sums[2] += q[2]
+        return out or None
+
+    def durable(self, seq: int, usage: UsageMap) -> None:
+        """The batch `seq` is on disk (its 202 may leave now): count its usage."""
+        with self._lock:
+            _merge(self._usage, usage)
+            resync = self._resync
+            if resync is not None and seq > resync.seq:
+                _merge(resync.delta, usage)
+            for scope, _period in usage:
+                self._spend.pop((scope, _period), None)
+                self._changed.add(scope)
+        self._notify()
+
+    def _notify(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    # -- exact rebuild against ClickHouse -------------------------------------------------
+
+    def begin_resync(self, seq: int, scopes: set[Scope] | None = None) -> set[Scope]:
+        """Records up to `seq` will be read from ClickHouse for `scopes` (None: every
+        tracked scope); collect what is admitted after. Returns the scopes to read."""
+        with self._lock:
+            full = scopes is None
+            chosen = self._tracked() if scopes is None else set(scopes)
+            self._resync = _Resync(seq, chosen, full)
+            return set(chosen)
+
+    def abort_resync(self) -> None:
+        with self._lock:
+            self._resync = None
+
+    def finish_resync(self, base: UsageMap) -> dict[Scope, Decimal]:
+        """Set the resynced scopes to `base` (ClickHouse, records up to the cut) plus what
+        was admitted after the cut. Returns each scope's drift in the current period
+        (ledger before minus exact after), for the reconciliation's report."""
+        with self._lock:
+            resync = self._resync
+            assert resync is not None, "finish_resync without begin_resync"
+            self._resync = None
+            scopes = resync.scopes
+            period = period_of(self.now())
+            before = {s: self._spend_of(s, period)[0] for s in scopes}
+            fresh: UsageMap = {}
+            _merge(fresh, {k: v for k, v in base.items() if k[0] in scopes})
+            _merge(fresh, {k: v for k, v in resync.delta.items() if k[0] in scopes})
+            for key in [k for k in self._usage if k[0] in scopes]:
+                del self._usage[key]
+            self._usage.update(fresh)
+            for key in [k for k in self._spend if k[0] in scopes]:
+                del self._spend[key]
+            self._changed |= scopes
+            drift = {s: EXACT.subtract(before[s], self._spend_of(s, period)[0]) for s in scopes}
+            if resync.full:
+                self.ready = True
+        self._notify()
+        return drift
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def _spend_of(self, scope: Scope, period: str) -> tuple[Decimal, bool]:
+        """(spend, has unpriced usage) of a scope in a period. Caller holds the lock."""
+        key = (scope, period)
+        cached = self._spend.get(key)
+        if cached is not None:
+            return cached
+        total = Decimal(0)
+        unpriced = False
+        for price_key, q in self._usage.get(key, {}).items():
+            entry = self._entries.get(price_key) if isinstance(price_key, str) else None
+            if entry is None:
+                unpriced = unpriced or any(q)
+                continue
+            for quantity, meter in zip(q, METERS, strict=True):
+                if quantity:
+                    amount = meter_amount(quantity, entry.unit_price(meter), meter)
+                    total = EXACT.add(total, amount)
+        self._spend[key] = (total, unpriced)
+        return total, unpriced
+
+    def spend(self, scope: Scope, period: str | None = None) -> tuple[Decimal, bool]:
+        with self._lock:
+            return self._spend_of(scope, period or period_of(self.now()))
+
+    def check(self, tenant_id: str, project_id: str | None) -> list[Check]:
+        """The budgets covering (tenant, project) in the current period: the tenant's
+        tenant-wide budgets and the project's own (tenant-wide only without a project)."""
+        period = period_of(self.now())
+        with self._lock:
+            out = []
+            for limit in self._by_tenant.get(tenant_id, ()):
+                if limit.project_id is not None and limit.project_id != project_id:
+                    continue
+                spend, unpriced = self._spend_of(limit.scope, period)
+                out.append(Check(limit, spend, unpriced))
+            return out
+
+    def take_changed(self) -> set[Scope]:
+        """Scopes whose spend changed since the last call (for the alert worker)."""
+        with self._lock:
+            changed, self._changed = self._changed, set()
+            return changed
+
+    def usage(self, scope: Scope, period: str) -> dict[PriceKey, Quantities]:
+        with self._lock:
+            return {k: list(v) for k, v in self._usage.get((scope, period), {}).items()}
+
+    def periods_from(self) -> datetime:
+        """The earliest instant whose usage the ledger keeps: the current month's start."""
+        return month_start(self.now())
+
+    def roll(self) -> None:
+        """Forget periods before the current one (called now and then by the worker)."""
+        current = period_of(self.now())
+        with self._lock:
+            for key in [k for k in self._usage if k[1] < current]:
+                del self._usage[key]
+            for key in [k for k in self._spend if k[1] < current]:
+                del self._spend[key]
+
+
+def as_usage_map(rows: Iterable[tuple[Scope, str, PriceKey, int, int, int]]) -> UsageMap:
+    out: UsageMap = {}
+    for scope, period, price_key, i, o, p in rows:
+        sums = out.setdefault((scope, period), {}).setdefault(price_key, [0, 0, 0])
+        sums[0] += i
+        sums[1] += o
+        sums[2] += p
+    return out

@@ -1,0 +1,218 @@
+"""Budgets in the relational database: create, edit, end, list; fire alerts once.
+
+Firing is decided by the database, not by process memory: an alert row's unique key
+(budget, period, kind, threshold, arm) admits one firing per threshold per period however
+many workers or replicas try at once; the loser's insert fails and it sends nothing. The
+alert and its deliveries (the outbox) are written in one transaction.
+
+Editing (PATCH) keeps the period's spend (spend is never stored on the budget: it is the
+events'). Raising the amount re-arms every threshold of the current period that the spend
+no longer crosses under the new amount (it may fire again if spend reaches it).
+Lowering the amount re-arms nothing: thresholds that the spend now crosses fire at once,
+each still at most once per period; the forecast alert is once per period either way.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from billing.alerts.outbox import enqueue
+from billing.budgets.forecast import period_of
+from billing.budgets.ledger import Limit
+from billing.budgets.models import BudgetAlertRow, BudgetRow
+from billing.rating import money
+
+THRESHOLD_TYPE = "budget.threshold_crossed"
+FORECAST_TYPE = "budget.forecast_exceeded"
+
+
+def threshold_text(value: Decimal) -> str:
+    return format(value.normalize(), "f")
+
+
+def to_limit(row: BudgetRow) -> Limit:
+    return Limit(
+        row.id,
+        row.tenant_id,
+        row.project_id,
+        row.amount_usd,
+        row.hard_limit,
+        tuple(sorted(Decimal(t) for t in row.thresholds)),
+    )
+
+
+@dataclass(frozen=True)
+class NewBudget:
+    tenant_id: str
+    project_id: str | None
+    amount_usd: Decimal
+    thresholds: Sequence[Decimal]
+    hard_limit: bool
+    channels: list[dict[str, Any]]
+
+
+def create(session: Session, new: NewBudget, now: datetime) -> BudgetRow:
+    row = BudgetRow(
+        id="bud_" + secrets.token_hex(12),
+        tenant_id=new.tenant_id,
+        project_id=new.project_id,
+        amount_usd=new.amount_usd,
+        period="monthly",
+        thresholds=sorted({threshold_text(t) for t in new.thresholds}, key=Decimal),
+        hard_limit=new.hard_limit,
+        channels=new.channels,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get(session: Session, budget_id: str) -> BudgetRow | None:
+    row = session.get(BudgetRow, budget_id)
+    return row if row is not None and row.deleted_at is None else None
+
+
+def live(session: Session, tenant_id: str | None = None) -> list[BudgetRow]:
+    query = select(BudgetRow).where(BudgetRow.deleted_at.is_(None))
+    if tenant_id is not None:
+        query = query.where(BudgetRow.tenant_id == tenant_id)
+    return list(session.scalars(query.order_by(BudgetRow.created_at, BudgetRow.id)))
+
+
+def update(
+    session: Session,
+    row: BudgetRow,
+    changes: dict[str, Any],
+    spend: Decimal,
+    now: datetime,
+) -> None:
+    """Apply a PATCH. Raising the amount re-arms the current period's thresholds that
+    `spend` no longer crosses."""
+    old_amount = row.amount_usd
+    if "amount_usd" in changes:
+        row.amount_usd = changes["amount_usd"]
+    if "thresholds" in changes:
+        row.thresholds = sorted({threshold_text(t) for t in changes["thresholds"]}, key=Decimal)
+    if "hard_limit" in changes:
+        row.hard_limit = changes["hard_limit"]
+    if "channels" in changes:
+        row.channels = changes["channels"]
+    row.updated_at = now
+    if row.amount_usd > old_amount:
+        period = period_of(now)
+        for alert in session.scalars(
+            select(BudgetAlertRow).where(
+                BudgetAlertRow.budget_id == row.id,
+                BudgetAlertRow.period == period,
+                BudgetAlertRow.kind == "threshold",
+                BudgetAlertRow.rearmed_at.is_(None),
+            )
+        ):
+            if spend < Decimal(alert.threshold) * row.amount_usd:
+                alert.rearmed_at = now
+    session.flush()
+
+
+def end(session: Session, row: BudgetRow, now: datetime) -> None:
+    row.deleted_at = now
+    row.updated_at = now
+    session.flush()
+
+
+def armed_firings(session: Session, period: str) -> set[tuple[str, str, str]]:
+    """(budget id, kind, threshold) already fired in `period` and not re-armed."""
+    rows = session.execute(
+        select(BudgetAlertRow.budget_id, BudgetAlertRow.kind, BudgetAlertRow.threshold).where(
+            BudgetAlertRow.period == period, BudgetAlertRow.rearmed_at.is_(None)
+        )
+    )
+    return {(b, k, t) for b, k, t in rows}
+
+
+def fire(
+    session: Session,
+    row: BudgetRow,
+    *,
+    kind: str,
+    threshold: Decimal | None,
+    spend: Decimal,
+    forecast: Decimal | None,
+    at: datetime,
+) -> BudgetAlertRow | None:
+    """Record one firing and its deliveries, committed; None if it had fired already
+    (here or in another process)."""
+    period = period_of(at)
+    t = threshold_text(threshold) if threshold is not None else ""
+    earlier = list(
+        session.scalars(
+            select(BudgetAlertRow).where(
+                BudgetAlertRow.budget_id == row.id,
+                BudgetAlertRow.period == period,
+                BudgetAlertRow.kind == kind,
+                BudgetAlertRow.threshold == t,
+            )
+        )
+    )
+    if any(a.rearmed_at is None for a in earlier):
+        return None
+    alert = BudgetAlertRow(
+        id="alr_" + secrets.token_hex(12),
+        budget_id=row.id,
+        tenant_id=row.tenant_id,
+        project_id=row.project_id,
+        period=period,
+        kind=kind,
+        threshold=t,
+        arm=len(earlier),
+        spend_usd=spend,
+        amount_usd=row.amount_usd,
+        forecast_usd=forecast,
+        at=at,
+    )
+    session.add(alert)
+    payload: dict[str, Any] = {
+        "type": THRESHOLD_TYPE if kind == "threshold" else FORECAST_TYPE,
+        "budget_id": row.id,
+        "tenant_id": row.tenant_id,
+        "project_id": row.project_id,
+        "threshold": float(threshold) if threshold is not None else None,
+        "spend_usd": money(spend),
+        "amount_usd": money(row.amount_usd),
+        "period": period,
+        "at": iso(at),
+    }
+    if forecast is not None:
+        payload["forecast_usd"] = money(forecast)
+    try:
+        session.flush()
+        enqueue(session, alert, list(row.channels), payload)
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        return None
+    return alert
+
+
+def alerts_of(session: Session, budget_id: str) -> list[BudgetAlertRow]:
+    return list(
+        session.scalars(
+            select(BudgetAlertRow)
+            .where(BudgetAlertRow.budget_id == budget_id)
+            .order_by(BudgetAlertRow.at, BudgetAlertRow.id)
+        )
+    )
+
+
+def iso(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,112 @@
+"""Budget spend from ClickHouse: the ledger's exact base, and hourly spend for forecasts.
+
+Both read the raw table (`rerank_events`, billable rows only) for the tenants that have
+budgets; the table's key (day, tenant_id, ...) keeps each day's read to those tenants'
+granules. Rows are grouped by the span in which one price applies (the last price
+boundary at or before the row, as the figures do), so each group is priced by exactly
+one entry of the book, in Python, by `billing.rating`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from clickhouse_connect.driver.client import Client
+
+from billing.budgets.forecast import period_of
+from billing.budgets.ledger import PriceKey, Scope, UsageMap, as_usage_map
+from billing.rating import EXACT, METERS, PriceBook, meter_amount
+from metering.analytics.facts import ms
+
+_T64 = "DateTime64(3, 'UTC')"
+FAR_FUTURE = datetime(2299, 12, 31, tzinfo=UTC)
+
+
+def _utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+def _rows(
+    ch: Client,
+    book: PriceBook,
+    tenants: list[str],
+    since: datetime,
+    until: datetime,
+    hourly: bool,
+) -> list[tuple[str, str, str, str, datetime, int, int, int]]:
+    """(tenant, project, provider, model, span start, input, output, pairs) of billable
+    events in [since, until); spans are cut at price boundaries, months (and hours)."""
+    if not tenants:
+        return []
+    bounds = [since, *book.boundaries(since, FAR_FUTURE)]
+    cut = "toStartOfHour(timestamp)" if hourly else "toStartOfMonth(timestamp)"
+    sql = (
+        f"SELECT tenant_id, project_id, provider, model,"
+        f" greatest(toDateTime64({cut}, 3, 'UTC'),"
+        f" arrayLast(b -> b <= timestamp, {{bounds:Array({_T64})}})) AS span,"
+        " sum(toUInt128(input_tokens)), sum(toUInt128(output_tokens)),"
+        " sum(toUInt128(queries) * documents)"
+        " FROM rerank_events"
+        f" WHERE timestamp >= {{since:{_T64}}} AND timestamp < {{until:{_T64}}}"
+        " AND status = 'ok' AND tenant_id IN {tenants:Array(String)}"
+        " GROUP BY tenant_id, project_id, provider, model, span"
+    )
+    params = {
+        "bounds": [ms(b) for b in bounds],
+        "since": ms(since),
+        "until": ms(until),
+        "tenants": tenants,
+    }
+    return [
+        (r[0], r[1], r[2], r[3], _utc(r[4]), int(r[5]), int(r[6]), int(r[7]))
+        for r in ch.query(sql, parameters=params).result_rows
+    ]
+
+
+def _scopes_of(scopes: Iterable[Scope]) -> dict[str, list[Scope]]:
+    by_tenant: dict[str, list[Scope]] = {}
+    for scope in scopes:
+        by_tenant.setdefault(scope[0], []).append(scope)
+    return by_tenant
+
+
+def scope_usage(ch: Client, book: PriceBook, scopes: set[Scope], since: datetime) -> UsageMap:
+    """Billable quantities per (scope, period) and price entry, from `since` on."""
+    by_tenant = _scopes_of(scopes)
+    out = []
+    for tenant, project, provider, model, span, i, o, p in _rows(
+        ch, book, sorted(by_tenant), since, FAR_FUTURE, hourly=False
+    ):
+        entry = book.price_at(provider, model, span)
+        key: PriceKey = entry.id if entry is not None else ("unpriced", provider, model)
+        period = period_of(span)
+        for scope in by_tenant[tenant]:
+            if scope[1] is None or scope[1] == project:
+                out.append((scope, period, key, i, o, p))
+    return as_usage_map(out)
+
+
+def hourly_spend(
+    ch: Client, book: PriceBook, scopes: set[Scope], since: datetime, until: datetime
+) -> dict[Scope, dict[datetime, Decimal]]:
+    """Spend per UTC hour of each scope in [since, until) (for the forecast)."""
+    by_tenant = _scopes_of(scopes)
+    out: dict[Scope, dict[datetime, Decimal]] = {s: {} for s in scopes}
+    for tenant, project, provider, model, span, i, o, p in _rows(
+        ch, book, sorted(by_tenant), since, until, hourly=True
+    ):
+        entry = book.price_at(provider, model, span)
+        if entry is None:
+            continue  # unpriced usage has no spend to forecast
+        cost = Decimal(0)
+        for quantity, meter in zip((i, o, p), METERS, strict=True):
+            if quantity:
+                cost = EXACT.add(cost, meter_amount(quantity, entry.unit_price(meter), meter))
+        hour = span.replace(minute=0, second=0, microsecond=0)
+        for scope in by_tenant[tenant]:
+            if scope[1] is None or scope[1] == project:
+                series = out[scope]
+                series[hour] = EXACT.add(series.get(hour, Decimal(0)), cost)
+    return out
