@@ -245,9 +245,17 @@ def validate_channels(
     return channels
 
 
+def masked_slack_url(url: str) -> str:
+    """A Slack incoming-webhook URL is itself a credential: show its origin only."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}/***"
+
+
 def public_channel(ch: dict[str, Any]) -> dict[str, Any]:
-    """A channel as the API shows it: the webhook secret hidden."""
+    """A channel as the API shows it: the webhook secret and the Slack URL's path hidden."""
     shown = dict(ch)
     if "secret" in shown:
         shown["secret"] = "***"
+    if shown.get("type") == "slack" and isinstance(shown.get("url"), str):
+        shown["url"] = masked_slack_url(shown["url"])
     return shown

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from billing.alerts import messages
+from billing.alerts.channels import masked_slack_url
 from billing.budgets.models import AlertDeliveryRow, BudgetAlertRow
 from billing.db import utcnow
 
@@ -74,6 +75,8 @@ def enqueue(
 
 
 def target(channel: dict[str, Any]) -> str:
+    if channel.get("type") == "slack":
+        return masked_slack_url(str(channel.get("url", "")))
     return str(channel.get("url") or channel.get("to") or "")
 
 

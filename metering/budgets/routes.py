@@ -13,7 +13,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal, Protocol, cast
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
 from sqlalchemy.orm import Session, sessionmaker
 
 from billing.alerts.channels import ChannelError, public_channel, validate_channels
@@ -35,10 +35,50 @@ router = APIRouter(tags=["budgets"])
 
 MAX_THRESHOLDS = 10
 _AMOUNT = re.compile(r"^-?\d{1,18}(\.\d{1,12})?$")
+# What the schema states: a positive decimal string (the code says why in its 400s).
+POSITIVE = r"^(?:[1-9][0-9]{0,17}(?:\.[0-9]{1,12})?|0\.(?:0{0,11}[1-9][0-9]{0,11}))$"
+_CHANNELS_SCHEMA: dict[str, Any] = {
+    "maxItems": 20,
+    "items": {
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["type", "url", "secret"],
+                "additionalProperties": False,
+                "properties": {
+                    "type": {"const": "webhook"},
+                    "url": {"type": "string", "pattern": "^https?://", "maxLength": 2048},
+                    "secret": {"type": "string", "minLength": 1, "maxLength": 256},
+                },
+            },
+            {
+                "type": "object",
+                "required": ["type", "url"],
+                "additionalProperties": False,
+                "properties": {
+                    "type": {"const": "slack"},
+                    "url": {"type": "string", "pattern": "^https://", "maxLength": 2048},
+                },
+            },
+            {
+                "type": "object",
+                "required": ["type", "to"],
+                "additionalProperties": False,
+                "properties": {
+                    "type": {"const": "email"},
+                    "to": {"type": "string", "format": "email", "maxLength": 254},
+                },
+            },
+        ]
+    },
+}
 AccountId = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=ACCOUNT_PATTERN.replace("\\Z", "$"))
 ]
-Threshold = Annotated[Decimal, Field(gt=0, le=1, description="a fraction of the amount, in (0, 1]")]
+# A JSON number in (0, 1]; read as the decimal it was written as (0.8 -> Decimal("0.8")).
+Threshold = Annotated[
+    float, Field(gt=0, le=1, strict=True, description="a fraction of the amount, in (0, 1]")
+]
 
 
 class BudgetState(Protocol):
@@ -67,10 +107,10 @@ def _amount(text: str) -> Decimal:
     return value
 
 
-def _thresholds(values: list[Decimal]) -> list[Decimal]:
+def _thresholds(values: list[float]) -> list[Decimal]:
     if len(set(values)) != len(values):
         raise ApiError(400, "thresholds: must not repeat a value")
-    return values
+    return [Decimal(repr(v)) for v in values]
 
 
 def _channels(raw: list[dict[str, Any]], allow_private: bool) -> list[dict[str, Any]]:
@@ -85,23 +125,36 @@ class BudgetIn(BaseModel):
 
     tenant_id: AccountId
     project_id: AccountId | None = None
-    amount_usd: str = Field(description='a positive decimal string, e.g. "100.00"', max_length=32)
+    amount_usd: str = Field(
+        description='a positive decimal string, e.g. "100.00"',
+        max_length=32,
+        json_schema_extra={"pattern": POSITIVE},
+    )
     period: Literal["monthly"] = "monthly"
     thresholds: list[Threshold] = Field(
-        default_factory=lambda: [Decimal("0.5"), Decimal("0.8"), Decimal("1")],
+        default_factory=lambda: [0.5, 0.8, 1.0],
         max_length=MAX_THRESHOLDS,
+        json_schema_extra={"uniqueItems": True},
     )
-    hard_limit: bool = False
-    channels: list[dict[str, Any]] = Field(default_factory=list, max_length=20)
+    hard_limit: StrictBool = False
+    channels: list[dict[str, Any]] = Field(
+        default_factory=list, max_length=20, json_schema_extra=_CHANNELS_SCHEMA
+    )
 
 
 class BudgetPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    amount_usd: str | None = Field(default=None, max_length=32)
-    thresholds: list[Threshold] | None = Field(default=None, max_length=MAX_THRESHOLDS)
-    hard_limit: bool | None = None
-    channels: list[dict[str, Any]] | None = Field(default=None, max_length=20)
+    amount_usd: str | None = Field(
+        default=None, max_length=32, json_schema_extra={"pattern": POSITIVE}
+    )
+    thresholds: list[Threshold] | None = Field(
+        default=None, max_length=MAX_THRESHOLDS, json_schema_extra={"uniqueItems": True}
+    )
+    hard_limit: StrictBool | None = None
+    channels: list[dict[str, Any]] | None = Field(
+        default=None, max_length=20, json_schema_extra=_CHANNELS_SCHEMA
+    )
 
 
 class AuthorizeIn(BaseModel):
@@ -251,7 +304,7 @@ def patch_budget(
     if "amount_usd" in fields:
         changes["amount_usd"] = _amount(cast(str, body.amount_usd))
     if "thresholds" in fields:
-        changes["thresholds"] = _thresholds(cast(list[Decimal], body.thresholds))
+        changes["thresholds"] = _thresholds(cast(list[float], body.thresholds))
     if "hard_limit" in fields:
         changes["hard_limit"] = body.hard_limit
     if "channels" in fields:

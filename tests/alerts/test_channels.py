@@ -177,10 +177,10 @@ def test_a_host_that_does_not_resolve_is_refused(dns: dict[str, list[str]]) -> N
     ]
 
 
-def test_public_channel_hides_only_the_webhook_secret() -> None:
+def test_public_channel_hides_the_webhook_secret_and_the_slack_path() -> None:
     assert [public_channel(c) for c in GOOD] == [
         {"type": "webhook", "url": GOOD[0]["url"], "secret": "***"},
-        GOOD[1],
+        {"type": "slack", "url": "https://1.1.1.1/***"},
         GOOD[2],
     ]
     assert GOOD[0]["secret"] == "k"  # the stored channel is not changed
