@@ -181,7 +181,7 @@ class Services:
             _step("clickhouse", lambda: self.events.start(events_store))
         if not self.budgets.started:
             events = self.events
-            cut = Cut(events.hold, events.wait_stored_through, events.release)
+            cut = Cut(events.hold, events.wait_stored_through, events.release, events.wait_stored)
             _step("clickhouse", lambda: self.budgets.start(self.ch, self.prices, cut))
         if not self.probes.running:
             _step("clickhouse", lambda: self.probes.start(probes_store))

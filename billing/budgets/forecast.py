@@ -126,7 +126,7 @@ def build_profile(
         # Weekly: weight by age in weeks (4 for the last 7 days, then 3, 2, 1).
         weight = Decimal(1)
         if kind == "weekly":
-            weight = Decimal(4 - min(3, int((end - hour) / timedelta(days=7))))
+            weight = Decimal(4 - min(3, int((end - hour - HOUR) / timedelta(days=7))))
         sums[slot] = _CTX.add(sums[slot], _CTX.multiply(seen.get(hour, Decimal(0)), weight))
         weights[slot] = _CTX.add(weights[slot], weight)
         hour += HOUR

@@ -62,8 +62,10 @@ class Cut:
         hold: Callable[[], int],
         wait: Callable[[int, float], bool],
         release: Callable[[], None],
+        stored: Callable[[float], bool],
     ) -> None:
         self.hold, self.wait, self.release = hold, wait, release
+        self.stored = stored  # waits until everything admitted so far is in ClickHouse
 
 
 class BudgetRuntime:
@@ -270,8 +272,9 @@ class BudgetRuntime:
     def _refresh_profiles(self, scopes: set[Scope]) -> None:
         now = self.now()
         stale = {s for s in scopes if s not in self._profiles or self._profiles[s][0] < now}
-        if not stale or self._ch is None:
+        if not stale or self._ch is None or self.cut is None:
             return
+        self.cut.stored(5.0)  # the history includes every event acknowledged so far
         hour = now.replace(minute=0, second=0, microsecond=0)
         series = hourly_spend(
             self._ch, self.ledger.book, stale, hour - timedelta(days=HISTORY_DAYS), hour

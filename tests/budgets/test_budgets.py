@@ -356,3 +356,32 @@ def test_reconcile_finds_and_corrects_drift(client: TestClient, services: Servic
     assert _authorize(client)["budgets"][0]["spend_usd"] == "3"
     metrics = client.get("/metrics").text
     assert "metering_budget_spend_drift_usd 1.0" in metrics
+
+
+def test_the_forecast_alert_fires_once_when_the_month_end_projection_exceeds_the_amount(
+    client: TestClient, services: Services, receiver: Receiver
+) -> None:
+    real = datetime.now(UTC)
+    month = (real.replace(day=1) - timedelta(days=1)).replace(day=1, hour=12, minute=0)
+    clock = Clock(month.replace(day=9))
+    _set_clock(services, clock)
+    services.budgets.reconcile()
+    channel = {"type": "webhook", "url": receiver.url, "secret": "s"}
+    b = _budget(client, amount_usd="20", channels=[channel], thresholds=[1.0])
+    # $1 a day at noon for 8 days: $8 so far, about $1 a day expected for the rest.
+    _post(
+        client,
+        [event(f"d{d}", timestamp=month.replace(day=d).isoformat(), **DOLLAR) for d in range(1, 9)],
+    )
+    clock.now += timedelta(minutes=61)  # profiles are recomputed hourly
+    shown = client.get(f"/v1/budgets/{b['id']}", headers=H).json()
+    assert shown["spend_usd"] == "8"
+    assert Decimal(shown["forecast_usd"]) > 20
+    assert services.budgets.reconcile()["forecast_alerts"] == 1
+    _wait(lambda: len(receiver.payloads()) == 1)
+    alert = receiver.payloads()[0]
+    assert alert["type"] == "budget.forecast_exceeded"
+    assert alert["spend_usd"] == "8" and Decimal(alert["forecast_usd"]) > 20
+    assert services.budgets.reconcile()["forecast_alerts"] == 0
+    time.sleep(1.0)
+    assert len(receiver.payloads()) == 1
