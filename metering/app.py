@@ -33,6 +33,8 @@ from metering.auth.routes import router as api_keys_router
 from metering.auth.service import TenantForbidden
 from metering.budgets.routes import BudgetState
 from metering.budgets.routes import router as budgets_router
+from metering.dashboard.routes import DashboardState
+from metering.dashboard.routes import router as dashboard_router
 from metering.db.deps import SessionState
 from metering.errors import (
     ApiError,
@@ -68,7 +70,8 @@ def _route_state(services: Services) -> Services:
     ingest: IngestState = services
     analytics: AnalyticsState = services
     budgets: BudgetState = services
-    del auth, session, health, ingest, analytics, budgets
+    dashboard: DashboardState = services
+    del auth, session, health, ingest, analytics, budgets, dashboard
     return services
 
 
@@ -216,6 +219,7 @@ def create_app(
         figures_router,
         log_router,
         budgets_router,
+        dashboard_router,
     ):
         app.include_router(router)
 

@@ -1,0 +1,503 @@
+"""`GET /dashboard`: the developer usage dashboard, served by the service itself.
+
+Server-rendered HTML and SVG, no script at all, every asset from `/dashboard/static`, and a
+Content-Security-Policy that allows nothing else: the page works with no network. The page
+is streamed: the header and the four cards go out as soon as their figures are read (the
+first paint), the other sections follow as their queries finish (all run at once).
+The cards' `data-value`s are the exact figures of `/v1/stats` for the same window
+(`data-from`/`data-to` on their section).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
+from decimal import Decimal
+from html import escape
+from pathlib import Path
+from typing import Any, Protocol, cast
+from urllib.parse import parse_qs, urlencode
+
+import jinja2
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from billing.budgets import service as budgets
+from billing.rating import money
+from metering.analytics import requests as log
+from metering.analytics.deps import AnalyticsState, fresh
+from metering.auth.service import Principal, TenantForbidden, resolve
+from metering.budgets.runtime import BudgetRuntime
+from metering.dashboard import charts, session
+from metering.dashboard.data import WINDOWS, start_all, window_of
+from metering.errors import ApiError
+
+router = APIRouter(include_in_schema=False)
+HERE = Path(__file__).parent
+STATIC = {p.name: p for p in (HERE / "static").iterdir() if p.is_file()}
+_TYPES = {".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
+CSP = (
+    "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self';"
+    " frame-ancestors 'none'; base-uri 'none'"
+)
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(HERE / "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+)
+_page: Any = _env.get_template("page.html").module
+MAX_FORM_BYTES = 4096
+
+
+class DashboardState(AnalyticsState, Protocol):
+    admin_token: str
+    sessions: sessionmaker[Session]
+    budgets: BudgetRuntime
+
+
+def _state(request: Request) -> DashboardState:
+    return cast(DashboardState, request.app.state.services)
+
+
+def _html(body: str, status: int = 200) -> HTMLResponse:
+    return HTMLResponse(
+        body, status, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"}
+    )
+
+
+def _principal(request: Request) -> Principal | None:
+    state = _state(request)
+    with state.sessions() as db:
+        return session.principal_of(db, state.admin_token, request.cookies.get(session.COOKIE))
+
+
+@router.get("/dashboard/static/{name}")
+def static(name: str) -> Response:
+    path = STATIC.get(name)
+    if path is None:
+        raise ApiError(404, f"path: no asset {name}")
+    return Response(
+        path.read_bytes(),
+        media_type=_TYPES.get(path.suffix, "application/octet-stream"),
+        headers={"Cache-Control": "public, max-age=3600"},
+    )
+
+
+@router.post("/dashboard/session")
+async def sign_in(request: Request) -> Response:
+    body = await request.body()
+    token = ""
+    if len(body) <= MAX_FORM_BYTES:
+        values = parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
+        token = (values.get("token") or [""])[0].strip()
+    state = _state(request)
+
+    def lookup() -> Principal | None:
+        with state.sessions() as db:
+            return resolve(db, state.admin_token, token) if token else None
+
+    principal = await run_in_threadpool(lookup)
+    if principal is None or not principal.has("read"):
+        reason = "That token is not valid." if principal is None else "That key cannot read usage."
+        # The form again (200: a browser logs no failed load for it), and no cookie.
+        return _html(_page.signin(reason))
+    response = RedirectResponse("/dashboard", status_code=303)
+    response.set_cookie(
+        session.COOKIE,
+        session.issue(state.admin_token, principal),
+        max_age=session.LIFETIME,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
+    )
+    return response
+
+
+@router.post("/dashboard/logout")
+def sign_out() -> Response:
+    response = RedirectResponse("/dashboard", status_code=303)
+    response.delete_cookie(session.COOKIE, path="/")
+    return response
+
+
+@router.get("/dashboard")
+async def dashboard(request: Request) -> Response:
+    principal = await run_in_threadpool(_principal, request)
+    if principal is None:
+        return _html(_page.signin(None))
+    state = _state(request)
+    params = request.query_params
+    window_name = params.get("window", "30d")
+    if window_name not in WINDOWS:
+        window_name = "30d"
+    try:
+        tenant = principal.tenant_scope(params.get("tenant_id") or None)
+    except TenantForbidden:
+        tenant = principal.tenant_id
+    window = window_of(window_name)
+    status = params.get("status") or None
+    if status not in (None, "ok", "error"):
+        status = None
+    filters = log.Filters(
+        tenant,
+        _word(params.get("project_id")),
+        _word(params.get("provider")),
+        _word(params.get("model")),
+        status,
+    )
+    digest = filters.digest(["dashboard", window_name])
+    cursor = None
+    if params.get("cursor"):
+        try:
+            cursor = log.Cursor.decode(params["cursor"], digest)
+        except ApiError:
+            cursor = None
+    await fresh(state)
+    book = state.prices.get()
+    tasks = start_all(state, book, window, tenant, filters, cursor, digest)
+
+    def query(**changes: Any) -> str:
+        current = {k: v for k, v in params.items() if v}
+        current.update({k: v for k, v in changes.items()})
+        return urlencode({k: v for k, v in current.items() if v is not None})
+
+    who = "Admin · all tenants" if principal.is_admin and tenant is None else f"Tenant {tenant}"
+    if principal.is_admin and tenant is not None:
+        who = f"Admin · tenant {tenant}"
+
+    async def stream() -> AsyncIterator[str]:
+        try:
+            yield str(_page.top(who, tenant, window_name, list(WINDOWS), principal.is_admin, query))
+            for section in (_cards, _usage, _providers, _budgets, _requests):
+                try:
+                    yield await section(state, tasks, tenant, window_name, query, principal)
+                except Exception as exc:  # one section failing does not blank the page
+                    yield str(_page.failed(section.__name__.strip("_"), f"{type(exc).__name__}"))
+            yield "</main><footer><p>Figures are exact; money in USD.</p></footer></body></html>"
+        finally:
+            for task in tasks.values():
+                task.cancel()
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/html; charset=utf-8",
+        headers={"Content-Security-Policy": CSP, "Cache-Control": "no-store"},
+    )
+
+
+def _word(value: str | None) -> str | None:
+    if not value:
+        return None
+    return value[:128]
+
+
+Tasks = Mapping[str, "asyncio.Future[Any]"]
+Query = Callable[..., str]
+
+CARDS = (
+    ("documents_reranked", "Documents reranked"),
+    ("requests", "API requests"),
+    ("active_accounts", "Active developer accounts"),
+    ("avg_uptime_pct", "Average uptime"),
+)
+
+
+def _change(now: float | None, before: float | None) -> tuple[str, str]:
+    if now is None or before is None:
+        return "no earlier data", "flat"
+    if before == 0:
+        return ("new in this window", "up") if now else ("no change", "flat")
+    pct = (now - before) / before * 100
+    trend = "up" if pct > 0 else "down" if pct < 0 else "flat"
+    return f"{pct:+.1f}% vs previous window", trend
+
+
+async def _cards(state: Any, tasks: Tasks, tenant: Any, window: str, query: Query, p: Any) -> str:
+    stats, previous = await tasks["stats"], await tasks["previous"]
+    changes = []
+    for key, label in CARDS:
+        value = stats[key]
+        if key == "avg_uptime_pct":
+            text = "no probes" if value is None else f"{value:.2f}%"
+            data = "" if value is None else repr(value)
+        else:
+            text, data = charts.compact(value), str(value)
+        change, trend = _change(value, previous[key])
+        if key == "avg_uptime_pct" and value is not None and previous[key] is not None:
+            change = f"{value - previous[key]:+.2f} points vs previous window"
+        changes.append(
+            {
+                "key": key,
+                "label": label,
+                "value": data,
+                "text": text,
+                "change": change,
+                "trend": trend,
+            }
+        )
+    shown = dict(stats)
+    shown["spend_text"] = "$" + _money_text(Decimal(stats["spend_usd"]))
+    shown["errors_text"] = charts.compact(stats["errors"])
+    return str(_page.cards(shown, changes, window))
+
+
+def _money_text(value: Decimal) -> str:
+    if value >= 1000:
+        return charts.compact(float(value))
+    return f"{value:.2f}"
+
+
+async def _usage(state: Any, tasks: Tasks, tenant: Any, window: str, query: Query, p: Any) -> str:
+    usage = await tasks["usage"]
+    uptime, incidents = await tasks["uptime"]
+    rows = usage["series"]
+    from datetime import datetime
+
+    def t(row: dict[str, Any]) -> datetime:
+        return datetime.fromisoformat(row["bucket"].replace("Z", "+00:00"))
+
+    unit = "hour" if usage["granularity"] == "hour" else "day"
+    parts = [
+        '<section aria-labelledby="usage-h" class="grid"><h2 id="usage-h">Usage per '
+        + unit
+        + "</h2>"
+    ]
+    for key, title in (("requests", "Requests"), ("documents", "Documents reranked")):
+        svg = charts.line_chart(
+            f"{title} per {unit}", [charts.Series(title, [(t(r), r[key]) for r in rows])]
+        )
+        parts.append(
+            _page.chart(
+                f"{title} per {unit}", svg, ["time", title], [(r["bucket"], r[key]) for r in rows]
+            )
+        )
+    spend = [(t(r), float(Decimal(r["cost_usd"] or "0"))) for r in rows]
+    svg = charts.line_chart(
+        f"Spend (USD) per {unit}", [charts.Series("spend", spend)], lambda v: f"${v:,.2f}"
+    )
+    parts.append(
+        _page.chart(
+            f"Spend per {unit}", svg, ["time", "USD"], [(r["bucket"], r["cost_usd"]) for r in rows]
+        )
+    )
+    svg = charts.line_chart(
+        "Uptime (%) from probes", [charts.Series("uptime", uptime)], lambda v: f"{v:.1f}%"
+    )
+
+    def item(i: Any) -> str:
+        shown = i.as_json()
+        return (
+            f"<tr><td>{escape(i.provider)}</td><td>{escape(i.region)}</td>"
+            f"<td>{escape(shown['started_at'])}</td><td>{escape(shown['ended_at'] or 'ongoing')}</td>"
+            f"<td>{i.failed_probes}</td></tr>"
+        )
+
+    parts.append(
+        _page.chart(
+            "Uptime per " + unit,
+            svg,
+            ["time", "uptime %"],
+            [(a.isoformat(), f"{b:.3f}") for a, b in uptime],
+        )
+    )
+    head = (
+        '<table class="incidents"><thead><tr><th scope="col">Provider</th><th scope="col">Region</th>'
+        '<th scope="col">Started</th><th scope="col">Ended</th><th scope="col">Failed probes</th></tr></thead><tbody>'
+    )
+    shown = "".join(item(i) for i in incidents[:5])
+    rest = "".join(item(i) for i in incidents[5:100])
+    parts.append(
+        '<section class="panel wide" aria-labelledby="inc-h">'
+        f'<h3 id="inc-h">Incidents ({len(incidents)})</h3>'
+        + (
+            f'<div class="scroll">{head}{shown}</tbody></table></div>'
+            if shown
+            else "<p>No incidents in this window.</p>"
+        )
+        + (
+            f'<details><summary>{len(incidents) - 5} more</summary><div class="scroll">{head}{rest}</tbody></table></div></details>'
+            if rest
+            else ""
+        )
+        + "</section></section>"
+    )
+    return "".join(str(x) for x in parts)
+
+
+async def _providers(
+    state: Any, tasks: Tasks, tenant: Any, window: str, query: Query, p: Any
+) -> str:
+    providers = (await tasks["providers"])["providers"]
+    names = [x["provider"] for x in providers]
+    lat = [(q, [float(x["latency_ms"][q] or 0) for x in providers]) for q in ("p50", "p95", "p99")]
+    err = [("error rate %", [100 * float(x["error_rate"] or 0) for x in providers])]
+    rows = []
+    for x in providers:
+        price = ", ".join(
+            f"{escape(e['model'])}: ${escape(e['input_per_1m_tokens'])}/1M in"
+            + (
+                f", ${escape(e['per_1k_doc_query_pairs'])}/1K pairs"
+                if e["per_1k_doc_query_pairs"] != "0"
+                else ""
+            )
+            for e in x["prices"]
+        )
+        up = "-" if x["uptime_pct"] is None else f"{x['uptime_pct']:.2f}%"
+        p50 = x["latency_ms"]["p50"]
+        rows.append(
+            f'<tr><th scope="row">{escape(x["provider"])}</th><td>{"-" if p50 is None else f"{p50:.0f} ms"}</td>'
+            f"<td>{charts.compact(x['requests'])}</td><td>{x['peak_rps']}</td><td>{up}</td>"
+            f"<td>{100 * (x['error_rate'] or 0):.2f}%</td><td>{price}</td></tr>"
+        )
+    table = (
+        '<div class="scroll"><table class="providers"><caption>Provider comparison</caption><thead><tr>'
+        '<th scope="col">Provider</th><th scope="col">Latency p50</th><th scope="col">Requests</th>'
+        '<th scope="col">Peak req/s</th><th scope="col">Uptime</th><th scope="col">Errors</th>'
+        '<th scope="col">Prices</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table></div>"
+    )
+    lat_svg = charts.bar_chart(
+        "Latency percentiles (ms) per provider", names, lat, lambda v: f"{v:.0f}"
+    )
+    err_svg = charts.bar_chart("Error rate (%) per provider", names, err, lambda v: f"{v:.1f}%")
+    return (
+        '<section aria-labelledby="prov-h" class="grid"><h2 id="prov-h">Providers</h2>'
+        + table
+        + str(
+            _page.chart(
+                "Latency p50 / p95 / p99 (ms)",
+                lat_svg,
+                ["provider", "p50", "p95", "p99"],
+                [(n, *(f"{g[1][i]:.1f}" for g in lat)) for i, n in enumerate(names)],
+            )
+        )
+        + str(
+            _page.chart(
+                "Error rate",
+                err_svg,
+                ["provider", "error rate %"],
+                [(n, f"{err[0][1][i]:.3f}") for i, n in enumerate(names)],
+            )
+        )
+        + "</section>"
+    )
+
+
+async def _budgets(state: Any, tasks: Tasks, tenant: Any, window: str, query: Query, p: Any) -> str:
+    runtime: BudgetRuntime = state.budgets
+
+    def load() -> list[dict[str, Any]]:
+        with state.sessions() as db:
+            rows = budgets.live(db, tenant)[:50]
+            out = []
+            for row in rows:
+                limit = budgets.to_limit(row)
+                spend, _ = runtime.ledger.spend(limit.scope)
+                alerts = budgets.alerts_of(db, row.id)
+                out.append(
+                    {
+                        "row": row,
+                        "spend": spend,
+                        "forecast": runtime.forecast(limit) if runtime.started else None,
+                        "alerts": alerts,
+                    }
+                )
+            return out
+
+    items = await run_in_threadpool(load)
+    if not items:
+        return '<section aria-labelledby="bud-h"><h2 id="bud-h">Budgets</h2><p>No budgets.</p></section>'
+    parts = ['<section aria-labelledby="bud-h"><h2 id="bud-h">Budgets</h2><ul class="budgets">']
+    for item in items:
+        row = item["row"]
+        amount = row.amount_usd
+        pct = float(item["spend"] / amount * 100) if amount else 0.0
+        scope = escape(row.tenant_id + (f" / {row.project_id}" if row.project_id else ""))
+        alerts = "".join(
+            f"<li>{escape(a.period)}: {'threshold ' + escape(a.threshold) if a.kind == 'threshold' else 'forecast'}"
+            f" at ${escape(money(a.spend_usd))} ({escape(budgets.iso(a.at))})</li>"
+            for a in item["alerts"][-10:]
+        )
+        forecast = item["forecast"]
+        parts.append(
+            f'<li class="budget"><h3>{scope}{" · hard limit" if row.hard_limit else ""}</h3>'
+            f"<label>${escape(money(item['spend']))} of ${escape(money(amount))}"
+            f'<progress max="100" value="{min(pct, 100):.1f}">{pct:.1f}%</progress></label>'
+            f"<p>{pct:.1f}% used"
+            + (f" · month-end forecast ${escape(money(forecast))}" if forecast is not None else "")
+            + "</p>"
+            + (
+                f"<details><summary>Alerts ({len(item['alerts'])})</summary><ul>{alerts}</ul></details>"
+                if alerts
+                else ""
+            )
+            + "</li>"
+        )
+    parts.append("</ul></section>")
+    return "".join(parts)
+
+
+async def _requests(
+    state: Any, tasks: Tasks, tenant: Any, window: str, query: Query, p: Any
+) -> str:
+    page = await tasks["requests"]
+    rows = "".join(
+        f"<tr><td>{escape(e['timestamp'])}</td><td>{escape(e['tenant_id'])}</td><td>{escape(e['project_id'])}</td>"
+        f"<td>{escape(e['provider'])}</td><td>{escape(e['model'])}</td><td>{escape(e['status'])}</td>"
+        f"<td>{e['documents']}</td><td>{e['input_tokens']}</td><td>{e['latency_ms']:.0f} ms</td>"
+        f"<td>{len(e['fallbacks'])}</td></tr>"
+        for e in page.events
+    )
+    more = (
+        f'<a href="?{escape(query(cursor=page.next_cursor))}#log-h" rel="next">Older requests →</a>'
+        if page.next_cursor
+        else "<span>End of the log for this window.</span>"
+    )
+    return (
+        '<section aria-labelledby="log-h"><h2 id="log-h">Request log</h2>'
+        '<form class="filters" method="get" action="/dashboard#log-h">'
+        f'<input type="hidden" name="window" value="{escape(window)}">'
+        + (
+            f'<input type="hidden" name="tenant_id" value="{escape(tenant)}">'
+            if tenant and p.is_admin
+            else ""
+        )
+        + "".join(
+            f'<label>{label} <input name="{name}" value="{escape(query_value)}" maxlength="128"></label>'
+            for name, label, query_value in (
+                ("project_id", "Project", _param(query, "project_id")),
+                ("provider", "Provider", _param(query, "provider")),
+                ("model", "Model", _param(query, "model")),
+            )
+        )
+        + '<label>Status <select name="status"><option value="">any</option>'
+        + "".join(
+            f'<option value="{s}"{" selected" if _param(query, "status") == s else ""}>{s}</option>'
+            for s in ("ok", "error")
+        )
+        + '</select></label><button type="submit">Filter</button></form>'
+        '<div class="scroll"><table class="log"><caption>Newest first</caption><thead><tr>'
+        + "".join(
+            f'<th scope="col">{h}</th>'
+            for h in (
+                "Time",
+                "Tenant",
+                "Project",
+                "Provider",
+                "Model",
+                "Status",
+                "Docs",
+                "Input tokens",
+                "Latency",
+                "Fallbacks",
+            )
+        )
+        + f'</tr></thead><tbody>{rows}</tbody></table></div><p class="more">{more}</p></section>'
+    )
+
+
+def _param(query: Query, name: str) -> str:
+    values = parse_qs(query())
+    return (values.get(name) or [""])[0]
