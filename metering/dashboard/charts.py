@@ -15,8 +15,8 @@ from html import escape
 
 Fmt = Callable[[float], str]
 
-W, H = 640, 220
-PAD_L, PAD_R, PAD_T, PAD_B = 56, 12, 12, 28
+W, H = 420, 210
+PAD_L, PAD_R, PAD_T, PAD_B = 58, 10, 10, 26
 
 
 def compact(value: float) -> str:
@@ -46,16 +46,21 @@ def _ticks(top: float) -> list[float]:
     return [top * i / 4 for i in range(5)]
 
 
-def line_chart(title: str, series: Sequence[Series], fmt: Fmt = compact) -> str:
-    """Lines over time (one per series), with a y axis of 5 ticks and dated x ends."""
+def line_chart(
+    title: str,
+    series: Sequence[Series],
+    fmt: Fmt = compact,
+    marks: Sequence[tuple[datetime, str]] = (),
+) -> str:
+    """Lines over time (one per series), with a y axis of 5 ticks and dated x ends;
+    `marks` are moments drawn as vertical lines (e.g. incidents), each with its label."""
     xs = [t for s in series for t, _ in s.points]
     ys = [v for s in series for _, v in s.points]
     desc = f"{title}: " + "; ".join(
         f"{s.name} from {fmt(s.points[0][1])} to {fmt(s.points[-1][1])}" for s in series if s.points
     )
     out = [
-        f'<svg class="chart" viewBox="0 0 {W} {H}" role="img"'
-        ' preserveAspectRatio="none" xmlns="http://www.w3.org/2000/svg">',
+        f'<svg class="chart" viewBox="0 0 {W} {H}" role="img" xmlns="http://www.w3.org/2000/svg">',
         f"<title>{escape(title)}</title><desc>{escape(desc or 'no data in this window')}</desc>",
     ]
     if not xs:
@@ -82,9 +87,15 @@ def line_chart(title: str, series: Sequence[Series], fmt: Fmt = compact) -> str:
             f"{escape(fmt(tick))}</text>"
         )
     out.append(
-        f'<text class="axis" x="{PAD_L}" y="{H - 8}">{min(xs):%b %d %H:%M}</text>'
-        f'<text class="axis" x="{W - PAD_R}" y="{H - 8}" text-anchor="end">{max(xs):%b %d %H:%M}</text>'
+        f'<text class="axis" x="{PAD_L}" y="{H - 8}">{min(xs):%b %d}</text>'
+        f'<text class="axis" x="{W - PAD_R}" y="{H - 8}" text-anchor="end">{max(xs):%b %d}</text>'
     )
+    for when, label in marks:
+        if t0 <= when.timestamp() <= t1:
+            out.append(
+                f'<line class="mark" x1="{x(when):.1f}" x2="{x(when):.1f}" y1="{PAD_T}"'
+                f' y2="{PAD_T + plot_h}"><title>{escape(label)}</title></line>'
+            )
     for i, s in enumerate(series):
         if not s.points:
             continue
@@ -109,8 +120,7 @@ def bar_chart(
         for i, c in enumerate(categories)
     )
     out = [
-        f'<svg class="chart" viewBox="0 0 {W} {H}" role="img" preserveAspectRatio="none"'
-        ' xmlns="http://www.w3.org/2000/svg">',
+        f'<svg class="chart" viewBox="0 0 {W} {H}" role="img" xmlns="http://www.w3.org/2000/svg">',
         f"<title>{escape(title)}</title><desc>{escape(desc if categories else 'no data')}</desc>",
     ]
     if not categories or not values:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import datetime
 from decimal import Decimal
 from html import escape
 from pathlib import Path
@@ -210,6 +211,8 @@ def _change(now: float | None, before: float | None) -> tuple[str, str]:
         return "no earlier data", "flat"
     if before == 0:
         return ("new in this window", "up") if now else ("no change", "flat")
+    if now > before * 100:
+        return f"up from {charts.compact(before)} in the previous window", "up"
     pct = (now - before) / before * 100
     trend = "up" if pct > 0 else "down" if pct < 0 else "flat"
     return f"{pct:+.1f}% vs previous window", trend
@@ -254,7 +257,6 @@ async def _usage(state: Any, tasks: Tasks, tenant: Any, window: str, query: Quer
     usage = await tasks["usage"]
     uptime, incidents = await tasks["uptime"]
     rows = usage["series"]
-    from datetime import datetime
 
     def t(row: dict[str, Any]) -> datetime:
         return datetime.fromisoformat(row["bucket"].replace("Z", "+00:00"))

@@ -151,6 +151,7 @@ def test_the_dashboard_in_chromium(demo_url: str, browser: object) -> None:
     assert stats["requests"] > 1_000_000  # the demo month
     assert page.locator("text=Could not load").count() == 0  # type: ignore[attr-defined]
     page.screenshot(path=str(SHOTS / "dashboard-laptop.png"), full_page=True)  # type: ignore[attr-defined]
+    page.screenshot(path=str(SHOTS / "dashboard.png"))  # type: ignore[attr-defined]
     # keyboard: the first tab stop is the skip link, then the window picker
     page.keyboard.press("Tab")  # type: ignore[attr-defined]
     assert page.evaluate("document.activeElement.className") == "skip"  # type: ignore[attr-defined]
