@@ -65,8 +65,14 @@ SPOOL_REPLAYED = Counter(
 )
 BUDGET_RESYNC_SECONDS = Histogram(
     "metering_budget_resync_seconds",
-    "Duration of one exact rebuild of budget spend from ClickHouse (writer held meanwhile)",
+    "Duration of one exact rebuild of budget spend from ClickHouse",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+BUDGET_HOLD_SECONDS = Histogram(
+    "metering_budget_writer_hold_seconds",
+    "How long a budget resync held the ingest writer (until the cut was stored)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
     registry=REGISTRY,
 )
 BUDGET_DRIFT_USD = Gauge(

@@ -41,7 +41,7 @@ from billing.budgets.ledger import Limit, Scope, SpendLedger, UsageMap
 from billing.prices.book import PriceBookCache
 from billing.rating import EXACT, money
 from metering import metrics
-from metering.budgets.spend import hourly_spend, scope_usage
+from metering.budgets.spend import clickhouse_now, hourly_spend, scope_usage
 from metering.ingest.spool import Unavailable
 from metering.ingest.structs import Event
 
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 MICRO = Decimal("0.000001")
 ROUNDING = decimal.Context(prec=80, rounding=decimal.ROUND_HALF_EVEN)
 RESYNC_TIMEOUT = 30.0  # seconds to wait for the writer to reach the cut
+CLOCK_STEP = 0.003  # seconds: more than one tick of DateTime64(3)
 PROFILE_TTL = timedelta(hours=1)
 BOOK_POLL = 2.0  # seconds between price book checks (another replica's new entry)
 
@@ -158,12 +159,24 @@ class BudgetRuntime:
                 chosen = self.ledger.begin_resync(seq, scopes)
                 if not self.cut.wait(seq, RESYNC_TIMEOUT):
                     raise Unavailable("budgets: ClickHouse is not storing events; retry")
-                base = scope_usage(self._ch, self.ledger.book, chosen, self.ledger.periods_from())
+                # Every record up to the cut is stored and none after: ClickHouse's clock
+                # now separates them (`ingested_at`), so the writer may go on while the
+                # base is read. The pause makes the next insert's millisecond a later one.
+                stored_until = clickhouse_now(self._ch)
+                time.sleep(CLOCK_STEP)
             except BaseException:
                 self.ledger.abort_resync()
                 raise
             finally:
                 self.cut.release()
+            metrics.BUDGET_HOLD_SECONDS.observe(time.perf_counter() - started)
+            try:
+                base = scope_usage(
+                    self._ch, self.ledger.book, chosen, self.ledger.periods_from(), stored_until
+                )
+            except BaseException:
+                self.ledger.abort_resync()
+                raise
             drift = self.ledger.finish_resync(base)
             metrics.BUDGET_RESYNC_SECONDS.observe(time.perf_counter() - started)
             return drift

@@ -24,6 +24,11 @@ _T64 = "DateTime64(3, 'UTC')"
 FAR_FUTURE = datetime(2299, 12, 31, tzinfo=UTC)
 
 
+def clickhouse_now(ch: Client) -> datetime:
+    """ClickHouse's clock, as `ingested_at DEFAULT now64(3)` reads it at an insert."""
+    return _utc(ch.query("SELECT now64(3, 'UTC')").result_rows[0][0])
+
+
 def _utc(t: datetime) -> datetime:
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
@@ -35,6 +40,7 @@ def _rows(
     since: datetime,
     until: datetime,
     hourly: bool,
+    stored_until: datetime | None = None,
 ) -> list[tuple[str, str, str, str, datetime, int, int, int]]:
     """(tenant, project, provider, model, span start, input, output, pairs) of billable
     events in [since, until); spans are cut at price boundaries, months (and hours)."""
@@ -51,7 +57,8 @@ def _rows(
         " FROM rerank_events"
         f" WHERE timestamp >= {{since:{_T64}}} AND timestamp < {{until:{_T64}}}"
         " AND status = 'ok' AND tenant_id IN {tenants:Array(String)}"
-        " GROUP BY tenant_id, project_id, provider, model, span"
+        + (f" AND ingested_at <= {{stored_until:{_T64}}}" if stored_until is not None else "")
+        + " GROUP BY tenant_id, project_id, provider, model, span"
     )
     params = {
         "bounds": [ms(b) for b in bounds],
@@ -59,6 +66,8 @@ def _rows(
         "until": ms(until),
         "tenants": tenants,
     }
+    if stored_until is not None:
+        params["stored_until"] = ms(stored_until)
     return [
         (r[0], r[1], r[2], r[3], _utc(r[4]), int(r[5]), int(r[6]), int(r[7]))
         for r in ch.query(sql, parameters=params).result_rows
@@ -72,12 +81,19 @@ def _scopes_of(scopes: Iterable[Scope]) -> dict[str, list[Scope]]:
     return by_tenant
 
 
-def scope_usage(ch: Client, book: PriceBook, scopes: set[Scope], since: datetime) -> UsageMap:
-    """Billable quantities per (scope, period) and price entry, from `since` on."""
+def scope_usage(
+    ch: Client,
+    book: PriceBook,
+    scopes: set[Scope],
+    since: datetime,
+    stored_until: datetime | None = None,
+) -> UsageMap:
+    """Billable quantities per (scope, period) and price entry, from `since` on, of the
+    rows ClickHouse stored up to `stored_until` (its own clock: `ingested_at`)."""
     by_tenant = _scopes_of(scopes)
     out = []
     for tenant, project, provider, model, span, i, o, p in _rows(
-        ch, book, sorted(by_tenant), since, FAR_FUTURE, hourly=False
+        ch, book, sorted(by_tenant), since, FAR_FUTURE, hourly=False, stored_until=stored_until
     ):
         entry = book.price_at(provider, model, span)
         key: PriceKey = entry.id if entry is not None else ("unpriced", provider, model)
