@@ -4,6 +4,7 @@
     metering migrate [--dry-run]
     metering simulate backfill|live ...
     metering jobs list | metering jobs run NAME
+    metering dashboards push --url URL --token TOKEN | metering dashboards export DIR
 
 Settings come from METERING_* variables (and an optional .env), read once here.
 """
@@ -79,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     jobs_commands.add_parser("list")
     run = jobs_commands.add_parser("run")
     run.add_argument("name")
+
+    from metering.dashboards.cli import add_parser as add_dashboards_parser
+
+    add_dashboards_parser(commands)
     return parser
 
 
@@ -101,6 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "simulate":
         return _simulate(args, settings)
+    if args.command == "dashboards":  # Grafana only: no store, no data-dir lock
+        from metering.dashboards.cli import dashboards_command
+
+        return dashboards_command(args)
     lock = lock_or_explain(settings.data_dir)
     if lock is None:
         return 1
