@@ -50,10 +50,13 @@ from metering.http.protocol import CLIENT_GONE, CLOSED_STATUS
 from metering.ingest.routes import IngestState
 from metering.ingest.routes import router as ingest_router
 from metering.ingest.spool import Unavailable
+from metering.invoices.routes import router as invoices_router
+from metering.invoices.routes import stripe_router
 from metering.prices.routes import router as prices_router
 from metering.scheduler import Scheduler
 from metering.services import Services
 from metering.settings import Settings
+from metering.tenants.routes import router as tenants_router
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +223,9 @@ def create_app(
         log_router,
         budgets_router,
         dashboard_router,
+        invoices_router,
+        stripe_router,
+        tenants_router,
     ):
         app.include_router(router)
 

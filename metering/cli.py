@@ -75,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="simulated gateway traffic (live or backfill)")
     _add_simulate_arguments(simulate)
 
+    invoices = commands.add_parser("invoices", help="run a month's invoices, or audit them")
+    invoices_commands = invoices.add_subparsers(dest="invoices_command", required=True)
+    inv_run = invoices_commands.add_parser("run", help="build (or finalize) a month's invoices")
+    inv_run.add_argument("--period", required=True, help="YYYY-MM, a month that has ended")
+    inv_run.add_argument("--finalize", action="store_true", help="finalize the drafts")
+    inv_verify = invoices_commands.add_parser(
+        "verify", help="recompute a month's invoices from the raw events; exit 1 on a difference"
+    )
+    inv_verify.add_argument("--period", required=True, help="YYYY-MM")
+
     jobs = commands.add_parser("jobs", help="list the scheduler's jobs or run one once")
     jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
     jobs_commands.add_parser("list")
@@ -110,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from metering.dashboards.cli import dashboards_command
 
         return dashboards_command(args)
+    if args.command == "invoices" and not settings.uses_chdb:
+        return _invoices(args, settings)  # no embedded store: no data-dir lock needed
     lock = lock_or_explain(settings.data_dir)
     if lock is None:
         return 1
@@ -120,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _migrate(args, settings)
         if args.command == "jobs":
             return _jobs(args, settings)
+        if args.command == "invoices":
+            return _invoices(args, settings)
     finally:
         lock.release()
     return 2
@@ -221,6 +235,12 @@ def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         services.close()
     return 0
+
+
+def _invoices(args: argparse.Namespace, settings: Settings) -> int:
+    from metering.invoices.cli import invoices_command
+
+    return invoices_command(args, settings)
 
 
 # -- metering simulate --------------------------------------------------------------------

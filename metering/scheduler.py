@@ -29,6 +29,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from metering.ingest.pipeline import StreamPipeline
 from metering.ingest.store import EVENTS_TABLE, PROBES_TABLE, IngestStore, StreamTable
+from metering.invoices.job import run_invoices
 from metering.probes.job import run_probes
 from metering.tenants.registration import register_from_clickhouse
 
@@ -77,6 +78,12 @@ JOBS: dict[str, Job] = {
             "rebuild budget spend exactly from ClickHouse, report drift, fire forecast alerts",
             _reconcile_budgets,
             lambda _: {"trigger": "interval", "minutes": 1},
+        ),
+        Job(
+            "invoices",
+            "draft each month's invoices when it ends; finalize after METERING_INVOICE_GRACE_DAYS",
+            run_invoices,
+            lambda _: {"trigger": "interval", "minutes": 10, "next_run_time": datetime.now(UTC)},
         ),
         Job(
             "probe",

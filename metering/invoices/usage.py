@@ -1,0 +1,125 @@
+"""Billable usage for invoices, from the raw table `rerank_events`.
+
+Invoices are per tenant and project, which the rollup projections do not keep, so every
+query here reads raw rows (the table's key, day then tenant, keeps a tenant's read small).
+Usage is summed per (tenant, project, provider, model, span), where a span starts at the
+window's start or at the last price boundary before the row, so that one price entry
+covers each span (`billing.rating.PriceBook.boundaries`). Values are bound as parameters.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Collection, Mapping
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from clickhouse_connect.driver.client import Client
+
+from billing.rating import EXACT, PriceBook, Usage, rate
+from metering.analytics.facts import Fact, facts, ms
+from metering.analytics.window import Window, floor_hour
+
+_T64 = "DateTime64(3, 'UTC')"
+_SUMS = (
+    "sum(toUInt128(input_tokens)) AS n_input, sum(toUInt128(output_tokens)) AS n_output,"
+    " sum(toUInt128(queries) * documents) AS n_pairs"
+)
+_USAGE = (
+    "SELECT tenant_id, project_id, provider, model, {span} AS span, "
+    + _SUMS
+    + " FROM rerank_events"
+    f" WHERE timestamp >= {{start:{_T64}}} AND timestamp < {{end:{_T64}}} AND status = 'ok'"
+    "{tenants} GROUP BY tenant_id, project_id, provider, model, span"
+)
+_SPAN_CONSTANT = f"{{start:{_T64}}}"
+_SPAN_SEARCH = f"arrayLast(b -> b <= timestamp, {{bounds:Array({_T64})}})"
+_TENANTS = " AND tenant_id IN {tenants:Array(String)}"
+LATE_CANDIDATES = (
+    "SELECT DISTINCT tenant_id FROM rerank_events"
+    f" WHERE timestamp >= {{start:{_T64}}} AND timestamp < {{end:{_T64}}} AND status = 'ok'"
+    f" AND ingested_at >= {{since:{_T64}}}"
+)
+TENANT_CHUNK = 20_000  # tenants per query when a set of tenants is read
+
+UsageByTenant = dict[str, list[Usage[str]]]
+
+
+def _utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+def usage(
+    ch: Client,
+    book: PriceBook,
+    start: datetime,
+    end: datetime,
+    tenants: Collection[str] | None = None,
+) -> UsageByTenant:
+    """Billable usage in [start, end) per tenant: `Usage` rows keyed by project id."""
+    boundaries = book.boundaries(start, end)
+    sql = _USAGE.replace("{span}", _SPAN_SEARCH if boundaries else _SPAN_CONSTANT)
+    params: dict[str, object] = {"start": ms(start), "end": ms(end)}
+    if boundaries:
+        params["bounds"] = [ms(start)] + [ms(b) for b in boundaries]
+    out: UsageByTenant = defaultdict(list)
+    if tenants is None:
+        chunks: list[list[str] | None] = [None]
+    else:
+        ordered = sorted(tenants)
+        chunks = [ordered[i : i + TENANT_CHUNK] for i in range(0, len(ordered), TENANT_CHUNK)]
+    for chunk in chunks:
+        query = sql.replace("{tenants}", "" if chunk is None else _TENANTS)
+        if chunk is not None:
+            params["tenants"] = chunk
+        with ch.query_rows_stream(query, parameters=params) as rows:
+            for tenant, project, provider, model, span, n_in, n_out, n_pairs in rows:
+                out[tenant].append(
+                    Usage(project, provider, model, _utc(span), int(n_in), int(n_out), int(n_pairs))
+                )
+    return dict(out)
+
+
+def late_candidates(ch: Client, start: datetime, end: datetime, since: datetime) -> set[str]:
+    """Tenants with billable events in [start, end) stored at or after `since`."""
+    params = {"start": ms(start), "end": ms(end), "since": ms(since)}
+    return {row[0] for row in ch.query(LATE_CANDIDATES, parameters=params).result_rows}
+
+
+def hourly_spend(
+    ch: Client, book: PriceBook, tenant_id: str, start: datetime, end: datetime
+) -> tuple[dict[datetime, Decimal], Decimal]:
+    """The tenant's exact spend per UTC hour start in [start, end), and its sum."""
+    window = Window(start, end)
+    boundaries = book.boundaries(floor_hour(start), end)
+    rows = facts(ch, window, boundaries, filters={"tenant_id": tenant_id}, bucket="hour")
+    usages = [
+        Usage(floor_hour(f.span), f.provider, f.model, f.span, *_sums(f))
+        for f in rows
+        if f.status == "ok"
+    ]
+    hourly: dict[datetime, Decimal] = defaultdict(Decimal)
+    total = Decimal(0)
+    for rated in rate(usages, book):
+        cost = rated.cost
+        if cost is not None:
+            hourly[rated.usage.key] = EXACT.add(hourly[rated.usage.key], cost)
+            total = EXACT.add(total, cost)
+    return dict(hourly), total
+
+
+def _sums(f: Fact) -> tuple[int, int, int]:
+    return f.input_tokens, f.output_tokens, f.pairs
+
+
+def exact_cost(usages: Mapping[str, list[Usage[str]]], book: PriceBook) -> Decimal:
+    total = Decimal(0)
+    for rows in usages.values():
+        for rated in rate(rows, book):
+            cost = rated.cost
+            if cost is not None:
+                total = EXACT.add(total, cost)
+    return total
+
+
+FORECAST_DAYS = timedelta(days=28)
