@@ -22,10 +22,13 @@ from urllib.parse import parse_qs, urlencode
 import jinja2
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from billing.budgets import service as budgets
+from billing.invoices import render as invoice_render
+from billing.invoices.models import InvoiceRow
 from billing.rating import money
 from metering.analytics import requests as log
 from metering.analytics.deps import AnalyticsState, fresh
@@ -34,6 +37,7 @@ from metering.budgets.runtime import BudgetRuntime
 from metering.dashboard import charts, session
 from metering.dashboard.data import WINDOWS, start_all, window_of
 from metering.errors import ApiError
+from metering.invoices.routes import invoice_for
 
 router = APIRouter(include_in_schema=False)
 HERE = Path(__file__).parent
@@ -117,6 +121,27 @@ async def sign_in(request: Request) -> Response:
     return response
 
 
+@router.get("/dashboard/invoices/{invoice_id}.{kind}")
+def invoice_file(invoice_id: str, kind: str, request: Request) -> Response:
+    """An invoice as HTML or PDF for the signed-in session (the API's `.html`/`.pdf` take
+    a bearer token, which a browser session does not send)."""
+    principal = _principal(request)
+    if principal is None:
+        return RedirectResponse("/dashboard", status_code=303)
+    if kind not in ("html", "pdf"):
+        raise ApiError(404, f"path: no invoice format {kind}")
+    with _state(request).sessions() as db:
+        invoice = invoice_for(db, principal, invoice_id)
+    if kind == "html":
+        return HTMLResponse(invoice_render.html(invoice))
+    name = f"invoice-{invoice['tenant_id']}-{invoice['period']}.pdf"
+    return Response(
+        invoice_render.pdf(invoice),
+        media_type="application/pdf",
+        headers={"Content-Disposition": f'inline; filename="{name}"'},
+    )
+
+
 @router.post("/dashboard/logout")
 def sign_out() -> Response:
     response = RedirectResponse("/dashboard", status_code=303)
@@ -172,7 +197,7 @@ async def dashboard(request: Request) -> Response:
     async def stream() -> AsyncIterator[str]:
         try:
             yield str(_page.top(who, tenant, window_name, list(WINDOWS), principal.is_admin, query))
-            for section in (_cards, _usage, _providers, _budgets, _requests):
+            for section in (_cards, _usage, _providers, _budgets, _invoices, _requests):
                 try:
                     yield await section(state, tasks, tenant, window_name, query, principal)
                 except Exception as exc:  # one section failing does not blank the page
@@ -439,6 +464,38 @@ async def _budgets(state: Any, tasks: Tasks, tenant: Any, window: str, query: Qu
         )
     parts.append("</ul></section>")
     return "".join(parts)
+
+
+async def _invoices(
+    state: Any, tasks: Tasks, tenant: Any, window: str, query: Query, p: Any
+) -> str:
+    def load() -> list[InvoiceRow]:
+        with state.sessions() as db:
+            q = select(InvoiceRow)
+            if tenant is not None:
+                q = q.where(InvoiceRow.tenant_id == tenant)
+            q = q.order_by(InvoiceRow.period.desc(), InvoiceRow.tenant_id).limit(24)
+            return list(db.scalars(q))
+
+    rows = await run_in_threadpool(load)
+    head = '<section aria-labelledby="inv-h"><h2 id="inv-h">Invoices</h2>'
+    if not rows:
+        return (
+            head + "<p>No invoices yet: a month's invoices are drafted when it ends.</p></section>"
+        )
+    body = "".join(
+        f"<tr><td>{escape(r.period)}</td><td>{escape(r.tenant_id)}</td><td>{'-' if r.number is None else r.number}</td>"
+        f"<td>{escape(r.status)}</td><td>${escape(f'{r.total_usd:.2f}')}</td>"
+        f'<td><a href="/dashboard/invoices/{escape(r.id)}.html">HTML</a> · '
+        f'<a href="/dashboard/invoices/{escape(r.id)}.pdf">PDF</a></td></tr>'
+        for r in rows
+    )
+    return (
+        head
+        + '<div class="scroll"><table><thead><tr><th scope="col">Period</th><th scope="col">Tenant</th>'
+        '<th scope="col">Number</th><th scope="col">Status</th><th scope="col">Total</th><th scope="col">View</th>'
+        f"</tr></thead><tbody>{body}</tbody></table></div></section>"
+    )
 
 
 async def _requests(

@@ -201,7 +201,8 @@ async def preview_invoice(
     return await run_in_threadpool(work)
 
 
-def _invoice(session: Session, principal: Principal, invoice_id: str) -> dict[str, Any]:
+def invoice_for(session: Session, principal: Principal, invoice_id: str) -> dict[str, Any]:
+    """The invoice as rendered, if `principal` may see it (404 otherwise)."""
     row = repo.get_invoice(session, invoice_id)
     if row is None or (principal.tenant_id is not None and principal.tenant_id != row.tenant_id):
         raise ApiError(404, f"invoice_id: no invoice {invoice_id}")
@@ -220,7 +221,8 @@ _RENDERED = {
     response_class=Response,
 )
 def invoice_html(invoice_id: str, session: SessionDep, principal: Reader) -> Response:
-    return Response(render.html(_invoice(session, principal, invoice_id)), media_type="text/html")
+    invoice = invoice_for(session, principal, invoice_id)
+    return Response(render.html(invoice), media_type="text/html")
 
 
 @router.get(
@@ -229,7 +231,7 @@ def invoice_html(invoice_id: str, session: SessionDep, principal: Reader) -> Res
     response_class=Response,
 )
 def invoice_pdf(invoice_id: str, session: SessionDep, principal: Reader) -> Response:
-    invoice = _invoice(session, principal, invoice_id)
+    invoice = invoice_for(session, principal, invoice_id)
     name = f"invoice-{invoice['tenant_id']}-{invoice['period']}.pdf"
     return Response(
         render.pdf(invoice),
@@ -240,7 +242,7 @@ def invoice_pdf(invoice_id: str, session: SessionDep, principal: Reader) -> Resp
 
 @router.get("/{invoice_id:invoice_id}", responses=_RENDERED)
 def get_invoice(invoice_id: str, session: SessionDep, principal: Reader) -> dict[str, Any]:
-    return _invoice(session, principal, invoice_id)
+    return invoice_for(session, principal, invoice_id)
 
 
 @stripe_router.post("/webhook", responses=error_responses(400))

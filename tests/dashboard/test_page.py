@@ -126,3 +126,37 @@ def test_window_picker_filters_and_paging(client: TestClient) -> None:
     second = client.get("/dashboard?" + nxt.group(1).replace("&amp;", "&")).text
     assert second.split('id="log-h"')[1].count("<tr><td>") == 11
     assert client.post("/dashboard/logout", follow_redirects=False).status_code == 303
+
+
+def test_invoices_are_listed_with_html_and_pdf_for_the_session(client: TestClient) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    last = datetime.now(UTC).replace(day=1) - timedelta(days=3)
+    period = last.strftime("%Y-%m")
+    events = [
+        event(f"i{i}", tenant_id=f"acct-{i % 2}", timestamp=last.isoformat()) for i in range(6)
+    ]
+    assert client.post("/v1/events", json={"events": events}, headers=H).json()["accepted"] == 6
+    r = client.post("/v1/invoices/run", json={"period": period, "finalize": True}, headers=H)
+    assert r.status_code == 200, r.text
+    _sign_in(client, ADMIN_TOKEN)
+    html = client.get("/dashboard").text
+    section = html.split('id="inv-h"')[1].split("</section>")[0]
+    links = re.findall(r'href="(/dashboard/invoices/[^"]+)"', section)
+    assert len(links) == 4  # two invoices, HTML and PDF each
+    page = client.get(links[0])
+    assert page.status_code == 200 and period in page.text
+    pdf = client.get(links[1])
+    assert pdf.headers["content-type"] == "application/pdf" and pdf.content.startswith(b"%PDF")
+    # a read key of acct-1 sees its own invoice only
+    key = client.post(
+        "/v1/api-keys", json={"scopes": ["read"], "tenant_id": "acct-1"}, headers=H
+    ).json()["key"]
+    _sign_in(client, key)
+    mine = client.get("/dashboard").text.split('id="inv-h"')[1].split("</section>")[0]
+    assert "acct-1" in mine and "acct-0" not in mine
+    other = [link for link in links if link not in mine]
+    assert client.get(other[0]).status_code == 404
+    client.post("/dashboard/logout")
+    client.cookies.clear()
+    assert client.get(links[0], follow_redirects=False).status_code == 303
