@@ -117,6 +117,58 @@ class MetricsMiddleware:
             metrics.HTTP_LATENCY.labels(template, method).observe(time.perf_counter() - started)
 
 
+MAX_JSON_BODY = 1024 * 1024  # bytes: every body but the ingest endpoints' (16 MiB, streamed)
+_STREAMED = ("/v1/events", "/v1/probes")
+
+
+class BodyLimitMiddleware:
+    """Bounds the request bodies of every endpoint that reads its body whole (budgets,
+    prices, keys, authorize, invoices, the dashboard's sign-in form): more than
+    MAX_JSON_BODY bytes is a 413 in the error shape, answered without reading the rest.
+    The ingest endpoints stream and bound their own bodies."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(_STREAMED):
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > MAX_JSON_BODY:
+                await self._too_large(scope, receive, send)
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client went away: let the app see it
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > MAX_JSON_BODY:
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, f"body: at most {MAX_JSON_BODY} bytes")
+        response.headers["Connection"] = "close"
+        await response(scope, receive, send)
+
+
 async def _validation_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     return error_response(400, validation_messages(exc.errors()))
@@ -205,6 +257,7 @@ def create_app(
         summary="Usage metering, billing and observability for an LLM rerank API gateway",
         lifespan=lifespan,
     )
+    app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(MetricsMiddleware)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

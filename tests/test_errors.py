@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from metering.auth.deps import Reader
 from metering.errors import MAX_ERRORS, error_body
 from metering.services import Services
+from tests.conftest import ADMIN_TOKEN
 
 
 def assert_error_shape(body: Any) -> None:
@@ -190,3 +191,23 @@ def test_openapi_documents_the_error_shape(client: TestClient) -> None:
     assert "400" in api_keys["post"]["responses"]
     assert "404" in schema["paths"]["/v1/api-keys/{key_id}"]["delete"]["responses"]
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+def test_bodies_read_whole_are_bounded(client: TestClient) -> None:
+    """Every endpoint but ingest reads its body whole: past 1 MiB it is a 413 in the error
+    shape, declared or chunked, without reading the rest; ingest keeps its 16 MiB."""
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+    big = b"{" + b" " * (1024 * 1024) + b"}"
+    for path in ("/v1/budgets", "/v1/prices", "/v1/authorize", "/dashboard/session"):
+        r = client.post(path, content=big, headers=headers)
+        assert r.status_code == 413, path
+        assert r.json() == {"error": "body: at most 1048576 bytes", "errors": [r.json()["error"]]}
+
+    def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(40):
+            yield b" " * 65536
+
+    assert client.post("/v1/budgets", content=chunks(), headers=headers).status_code == 413
+    events = [{"event_id": f"b{i}", "pad": "x" * 200} for i in range(8000)]
+    r = client.post("/v1/events", json={"events": events}, headers=headers)
+    assert r.status_code == 202  # 1.9 MB: ingest's own limits (items rejected, not the body)
