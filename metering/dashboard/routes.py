@@ -146,7 +146,7 @@ async def dashboard(request: Request) -> Response:
     if window_name not in WINDOWS:
         window_name = "30d"
     try:
-        tenant = principal.tenant_scope(params.get("tenant_id") or None)
+        tenant = principal.tenant_scope(_word(params.get("tenant_id"), 64))
     except TenantForbidden:
         tenant = principal.tenant_id
     window = window_of(window_name)
@@ -200,7 +200,8 @@ async def dashboard(request: Request) -> Response:
     )
 
 
-def _word(value: str | None) -> str | None:
+def _word(value: str | None, limit: int = 128) -> str | None:
+    """A filter from the query string: absent when empty, cut to `limit` characters."""
     if not value:
         return None
-    return value[:128]
+    return value[:limit]
