@@ -111,7 +111,8 @@ class _Resync:
     seq: int
     scopes: set[Scope]
     full: bool  # every tracked scope: the ledger is ready once one such resync ends
-    delta: UsageMap = field(default_factory=dict)
+    # Usage of batches admitted after the cut, in arrival order (merged outside the lock).
+    after: list[UsageMap] = field(default_factory=list)
 
 
 def _merge(into: UsageMap, add: Mapping[tuple[Scope, str], Mapping[PriceKey, Quantities]]) -> None:
@@ -264,7 +265,7 @@ class SpendLedger:
             _merge(self._usage, usage)
             resync = self._resync
             if resync is not None and seq > resync.seq:
-                _merge(resync.delta, usage)
+                resync.after.append(usage)
             for scope, _period in usage:
                 self._spend.pop((scope, _period), None)
                 self._changed.add(scope)
@@ -292,28 +293,43 @@ class SpendLedger:
     def finish_resync(self, base: UsageMap) -> dict[Scope, Decimal]:
         """Set the resynced scopes to `base` (ClickHouse, records up to the cut) plus what
         was admitted after the cut. Returns each scope's drift in the current period
-        (ledger before minus exact after), for the reconciliation's report."""
+        (ledger before minus exact after), for the reconciliation's report.
+
+        The new maps are built and the drift rated outside the lock (thousands of scopes
+        take a while); the lock is held only to take the batches that arrived meanwhile
+        and to swap the maps in, so authorize never waits behind a reconciliation."""
         with self._lock:
             resync = self._resync
             assert resync is not None, "finish_resync without begin_resync"
+            taken = len(resync.after)
+        scopes = resync.scopes
+        fresh: UsageMap = {}
+        _merge(fresh, {k: v for k, v in base.items() if k[0] in scopes})
+        for usage in resync.after[:taken]:
+            _merge(fresh, {k: v for k, v in usage.items() if k[0] in scopes})
+        with self._lock:
+            for usage in resync.after[taken:]:
+                _merge(fresh, {k: v for k, v in usage.items() if k[0] in scopes})
             self._resync = None
-            scopes = resync.scopes
-            period = period_of(self.now())
-            before = {s: self._spend_of(s, period)[0] for s in scopes}
-            fresh: UsageMap = {}
-            _merge(fresh, {k: v for k, v in base.items() if k[0] in scopes})
-            _merge(fresh, {k: v for k, v in resync.delta.items() if k[0] in scopes})
-            for key in [k for k in self._usage if k[0] in scopes]:
+            old = {k: v for k, v in self._usage.items() if k[0] in scopes}
+            for key in old:
                 del self._usage[key]
             self._usage.update(fresh)
             for key in [k for k in self._spend if k[0] in scopes]:
                 del self._spend[key]
             self._changed |= scopes
-            drift = {s: EXACT.subtract(before[s], self._spend_of(s, period)[0]) for s in scopes}
+            entries = self._entries
             if resync.full:
                 self.ready = True
         self._notify()
-        return drift
+        period = period_of(self.now())
+        return {
+            s: EXACT.subtract(
+                _rated(old.get((s, period), {}), entries)[0],
+                _rated(fresh.get((s, period), {}), entries)[0],
+            )
+            for s in scopes
+        }
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -323,19 +339,9 @@ class SpendLedger:
         cached = self._spend.get(key)
         if cached is not None:
             return cached
-        total = Decimal(0)
-        unpriced = False
-        for price_key, q in self._usage.get(key, {}).items():
-            entry = self._entries.get(price_key) if isinstance(price_key, str) else None
-            if entry is None:
-                unpriced = unpriced or any(q)
-                continue
-            for quantity, meter in zip(q, METERS, strict=True):
-                if quantity:
-                    amount = meter_amount(quantity, entry.unit_price(meter), meter)
-                    total = EXACT.add(total, amount)
-        self._spend[key] = (total, unpriced)
-        return total, unpriced
+        rated = _rated(self._usage.get(key, {}), self._entries)
+        self._spend[key] = rated
+        return rated
 
     def spend(self, scope: Scope, period: str | None = None) -> tuple[Decimal, bool]:
         with self._lock:
@@ -376,6 +382,23 @@ class SpendLedger:
                 del self._usage[key]
             for key in [k for k in self._spend if k[1] < current]:
                 del self._spend[key]
+
+
+def _rated(
+    usage: Mapping[PriceKey, Quantities], entries: Mapping[str, PriceEntry]
+) -> tuple[Decimal, bool]:
+    """(spend, has unpriced usage) of one scope's quantities per price entry."""
+    total = Decimal(0)
+    unpriced = False
+    for price_key, q in usage.items():
+        entry = entries.get(price_key) if isinstance(price_key, str) else None
+        if entry is None:
+            unpriced = unpriced or any(q)
+            continue
+        for quantity, meter in zip(q, METERS, strict=True):
+            if quantity:
+                total = EXACT.add(total, meter_amount(quantity, entry.unit_price(meter), meter))
+    return total, unpriced
 
 
 def as_usage_map(rows: Iterable[tuple[Scope, str, PriceKey, int, int, int]]) -> UsageMap:
