@@ -31,7 +31,7 @@ from metering.analytics.routes import router as figures_router
 from metering.auth.deps import AuthState
 from metering.auth.routes import router as api_keys_router
 from metering.auth.service import TenantForbidden
-from metering.budgets.routes import BudgetState
+from metering.budgets.routes import BudgetState, authorize_router
 from metering.budgets.routes import router as budgets_router
 from metering.dashboard.routes import DashboardState
 from metering.dashboard.routes import router as dashboard_router
@@ -268,6 +268,7 @@ def create_app(
     app.add_exception_handler(SAOperationalError, _unavailable)
     app.add_exception_handler(Exception, _server_error)
     for router in (
+        authorize_router,
         health_router,
         api_keys_router,
         ingest_router,

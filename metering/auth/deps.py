@@ -69,6 +69,16 @@ async def get_principal(
     return principal
 
 
+async def caller(state: AuthState, request: Request) -> Principal:
+    """`get_principal` for routes that take no FastAPI dependencies (the hot paths)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    credentials = None
+    if scheme.lower() == "bearer" and token.strip():
+        credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=token.strip())
+    return await get_principal(state, credentials)
+
+
 def require(*scopes: str) -> Callable[[Principal], Coroutine[Any, Any, Principal]]:
     """A dependency admitting principals with any of `scopes` (admin has them all)."""
 

@@ -385,3 +385,31 @@ def test_the_forecast_alert_fires_once_when_the_month_end_projection_exceeds_the
     assert services.budgets.reconcile()["forecast_alerts"] == 0
     time.sleep(1.0)
     assert len(receiver.payloads()) == 1
+
+
+def test_authorize_checks_the_caller_and_the_body(client: TestClient) -> None:
+    url = "/v1/authorize"
+    assert client.post(url, json={"tenant_id": "a"}).status_code == 401
+    bad = client.post(url, json={"tenant_id": "a"}, headers={"Authorization": "Bearer nope"})
+    assert bad.status_code == 401 and bad.headers["www-authenticate"] == "Bearer"
+    ingest = client.post("/v1/api-keys", json={"scopes": ["ingest"]}, headers=H).json()["key"]
+    ok = client.post(
+        url, json={"tenant_id": "a", "x": 1}, headers={"Authorization": f"Bearer {ingest}"}
+    )
+    assert ok.status_code == 200 and ok.json() == {"allowed": True, "reason": None, "budgets": []}
+    for body, error in (
+        (b"{", "body: not valid JSON"),
+        (b"[]", "body: Expected `object`, got `array`"),
+        (b"{}", "tenant_id: field required"),
+        (b'{"tenant_id": 5}', "tenant_id: Expected `str`, got `int`"),
+        (b'{"tenant_id": "a b"}', "tenant_id: must be 1-64 characters of [A-Za-z0-9_.:-]"),
+        (b'{"tenant_id": "a", "project_id": ""}', "project_id: must be 1-64 characters"),
+        (b'{"tenant_id": "' + b"a" * 65 + b'"}', "tenant_id: must be 1-64 characters"),
+    ):
+        r = client.post(url, content=body, headers=H)
+        assert r.status_code == 400, body
+        assert r.json()["error"].startswith(error), (body, r.json())
+    schema = client.get("/openapi.json").json()["paths"][url]["post"]
+    assert schema["requestBody"]["content"]["application/json"]["schema"]["required"] == [
+        "tenant_id"
+    ]
