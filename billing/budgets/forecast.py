@@ -25,6 +25,7 @@ change shows in the forecast as it shows in the spend of the following hours.
 from __future__ import annotations
 
 import decimal
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -84,18 +85,30 @@ class Profile:
             left = Decimal((min(end, hour + HOUR) - start).total_seconds()) / 3600
             total = _CTX.add(total, _CTX.multiply(self.slots[_slot(hour, self.kind)], left))
             hour += HOUR
-        # Count the remaining whole hours per slot, then multiply once per slot.
-        counts = [0] * len(self.slots)
-        while hour + HOUR <= end:
-            counts[_slot(hour, self.kind)] += 1
-            hour += HOUR
+        # The remaining whole hours counted per slot (shared by every profile of this
+        # kind: a cached walk), then one multiplication per slot.
+        whole = int((end - hour) / HOUR) if end > hour else 0
+        counts = _slot_counts(self.kind, hour, whole)
         for count, value in zip(counts, self.slots, strict=True):
             if count:
                 total = _CTX.add(total, _CTX.multiply(value, Decimal(count)))
+        hour += HOUR * whole
         if hour < end:  # a partial last hour (an `end` that is not on the hour)
             left = Decimal((end - hour).total_seconds()) / 3600
             total = _CTX.add(total, _CTX.multiply(self.slots[_slot(hour, self.kind)], left))
         return total
+
+
+@functools.lru_cache(maxsize=4096)
+def _slot_counts(kind: ProfileKind, first: datetime, hours: int) -> tuple[int, ...]:
+    """How many of the `hours` whole hours from `first` fall in each slot of `kind`."""
+    size = 168 if kind == "weekly" else 24 if kind == "daily" else 1
+    counts = [0] * size
+    hour = first
+    for _ in range(hours):
+        counts[_slot(hour, kind)] += 1
+        hour += HOUR
+    return tuple(counts)
 
 
 def build_profile(
@@ -118,22 +131,48 @@ def build_profile(
         kind, size = "daily", 24
     else:
         kind, size = "flat", 1
+    # Only the hours with spend are visited; the weights of every hour of the span
+    # (spent or not) come from cached counts of hours per slot, band by band.
     sums = [Decimal(0)] * size
-    weights = [Decimal(0)] * size
-    hour = first
-    while hour < end:
-        slot = _slot(hour, kind)
-        # Weekly: weight by age in weeks (4 for the last 7 days, then 3, 2, 1).
-        weight = Decimal(1)
-        if kind == "weekly":
-            weight = Decimal(4 - min(3, int((end - hour - HOUR) / timedelta(days=7))))
-        sums[slot] = _CTX.add(sums[slot], _CTX.multiply(seen.get(hour, Decimal(0)), weight))
-        weights[slot] = _CTX.add(weights[slot], weight)
-        hour += HOUR
+    for hour, value in seen.items():
+        sums[_slot(hour, kind)] = _CTX.add(
+            sums[_slot(hour, kind)], _CTX.multiply(value, Decimal(_weight(hour, end, kind)))
+        )
+    weights = [0] * size
+    for band_start, band_end, weight in _bands(first, end, kind):
+        hours = int((band_end - band_start) / HOUR)
+        for slot, count in enumerate(_slot_counts(kind, band_start, hours)):
+            weights[slot] += count * weight
     slots = tuple(
-        _CTX.divide(s, w) if w else Decimal(0) for s, w in zip(sums, weights, strict=True)
+        _CTX.divide(s, Decimal(w)) if w else Decimal(0) for s, w in zip(sums, weights, strict=True)
     )
     return Profile(kind, slots)
+
+
+WEEK = timedelta(days=7)
+
+
+def _weight(hour: datetime, end: datetime, kind: ProfileKind) -> int:
+    """Weekly profiles weigh each hour by its age in weeks: 4 for the last 7 days, then
+    3, 2, 1; the others weigh every hour alike."""
+    if kind != "weekly":
+        return 1
+    return 4 - min(3, int((end - hour - HOUR) / WEEK))
+
+
+def _bands(
+    first: datetime, end: datetime, kind: ProfileKind
+) -> list[tuple[datetime, datetime, int]]:
+    """[first, end) cut where the weight changes: (start, end, weight) per band."""
+    if kind != "weekly":
+        return [(first, end, 1)]
+    out = []
+    for age in range(4):
+        band_end = end - WEEK * age
+        band_start = max(first, end - WEEK * (age + 1)) if age < 3 else first
+        if band_start < band_end:
+            out.append((band_start, band_end, 4 - age))
+    return out
 
 
 def month_end_forecast(

@@ -193,6 +193,17 @@ class SpendLedger:
         with self._lock:
             return list(self._limits.values())
 
+    def limits_of(self, scopes: set[Scope]) -> list[Limit]:
+        """The budgets of these scopes (through the per-tenant index, not a scan)."""
+        by_tenant = self._by_tenant
+        tenants = {scope[0] for scope in scopes}
+        return [
+            limit
+            for tenant in tenants
+            for limit in by_tenant.get(tenant, ())
+            if limit.scope in scopes
+        ]
+
     def limit(self, budget_id: str) -> Limit | None:
         with self._lock:
             return self._limits.get(budget_id)
@@ -315,9 +326,12 @@ class SpendLedger:
             for key in old:
                 del self._usage[key]
             self._usage.update(fresh)
-            for key in [k for k in self._spend if k[0] in scopes]:
+            differs = {k[0] for k in old.keys() | fresh.keys() if old.get(k) != fresh.get(k)}
+            for key in [k for k in self._spend if k[0] in differs]:
                 del self._spend[key]
-            self._changed |= scopes
+            # Thresholds are checked again where spend changed (everywhere at the first
+            # build): an exact reconciliation that found no drift costs no re-check.
+            self._changed |= scopes if not self.ready else differs
             entries = self._entries
             if resync.full:
                 self.ready = True

@@ -99,6 +99,8 @@ class BudgetRuntime:
         self._fired: set[tuple[str, str, str]] = set()
         self._fired_period = ""
         self._profiles: dict[Scope, tuple[datetime, Profile]] = {}
+        # Per scope: (hour, profile, expected spend from the next hour to the month's end).
+        self._rest: dict[Scope, tuple[datetime, Profile, Decimal]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -238,9 +240,7 @@ class BudgetRuntime:
 
     def _fire_thresholds(self, scopes: set[Scope]) -> None:
         fired_any = False
-        for limit in self.ledger.limits():
-            if limit.scope not in scopes:
-                continue
+        for limit in self.ledger.limits_of(scopes):
             spend, _ = self.ledger.spend(limit.scope)
             for threshold in limit.thresholds:
                 key = (limit.id, "threshold", service.threshold_text(threshold))
@@ -297,12 +297,22 @@ class BudgetRuntime:
 
     def forecast(self, limit: Limit) -> Decimal:
         """Month-end spend of the budget's scope: spend so far (the ledger) plus the
-        profile's expectation for the rest of the month (billing.budgets.forecast)."""
+        profile's expectation for the rest of the month (billing.budgets.forecast). The
+        expectation after the current hour is kept per scope for the hour: the minute's
+        check of every budget costs a lookup each, not a walk over the month."""
         self._refresh_profiles({limit.scope})
         spend, _ = self.ledger.spend(limit.scope)
         now = self.now()
-        rest = self._profiles[limit.scope][1].expected(now, next_month_start(now))
-        return EXACT.add(spend, rest).quantize(MICRO, context=ROUNDING)
+        end = next_month_start(now)
+        profile = self._profiles[limit.scope][1]
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        after = hour + timedelta(hours=1)
+        cached = self._rest.get(limit.scope)
+        if cached is None or cached[0] != hour or cached[1] is not profile:
+            cached = (hour, profile, profile.expected(after, end) if after < end else Decimal(0))
+            self._rest[limit.scope] = cached
+        partial = profile.expected(now, min(after, end))
+        return EXACT.add(EXACT.add(spend, partial), cached[2]).quantize(MICRO, context=ROUNDING)
 
     def _fire_forecasts(self) -> dict[str, int]:
         limits = self.ledger.limits()

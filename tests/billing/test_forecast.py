@@ -71,3 +71,38 @@ def test_short_history_is_flat_and_none_is_zero() -> None:
     assert profile.kind == "flat"
     assert profile.expected(now, next_month_start(now)) == Decimal(4 * 3)  # $3/h, 4 h left
     assert month_end_forecast(Decimal("7.5"), {}, now) == Decimal("7.5")
+
+
+def test_profiles_equal_a_walk_over_every_hour() -> None:
+    """The profile visits only hours with spend and takes the weights from cached slot
+    counts; a plain walk over every hour of the span gives the same slots."""
+    import random
+
+    from billing.budgets.forecast import _slot, _weight
+
+    rng = random.Random(5)
+    for case in range(30):
+        now = datetime(2026, 11, 1, tzinfo=UTC) + timedelta(minutes=rng.randrange(60 * 24 * 40))
+        end = now.replace(minute=0, second=0, microsecond=0)
+        start = end - HOUR * rng.randrange(1, 28 * 24)
+        history = {
+            start + HOUR * i: Decimal(rng.randrange(0, 500)) / 100
+            for i in range(int((end - start) / HOUR))
+            if rng.random() < 0.3
+        }
+        profile = build_profile(history, now)
+        if profile.kind == "none":
+            continue
+        first = min(h for h, v in history.items() if v)
+        size = len(profile.slots)
+        sums = [Decimal(0)] * size
+        weights = [0] * size
+        hour = first
+        while hour < end:
+            slot = _slot(hour, profile.kind)
+            w = _weight(hour, end, profile.kind)
+            sums[slot] += history.get(hour, Decimal(0)) * w
+            weights[slot] += w
+            hour += HOUR
+        walked = [s / w if w else Decimal(0) for s, w in zip(sums, weights, strict=True)]
+        assert [round(x, 20) for x in profile.slots] == [round(x, 20) for x in walked], case
