@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import loadgen
+from bench.authorize_setup import budgets_for_lines, post_budgets, post_prices
 from bench.ingest_chdb import count_stored, engine_worker, run_engine
 from bench.ingest_report import BATCH, Measured, append_results, code_version, render
 from bench.ingest_sampling import (
@@ -78,6 +79,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="send with an ingest API key (default, as a gateway) or the admin token",
     )
     parser.add_argument("--seed", type=int, default=20261127)
+    parser.add_argument(
+        "--budgets-fraction",
+        type=float,
+        default=0.0,
+        help="before the timed run, post the price book and budgets on this fraction of "
+        "the run's tenants (bench/authorize_setup.py), so that budgets are on (0: none)",
+    )
     parser.add_argument("--run-id", default=None, help="event id prefix (default: random)")
     parser.add_argument(
         "--engine-chunk",
@@ -167,6 +175,11 @@ def run(args: argparse.Namespace, work: Path, argv: list[str] | None) -> int:
     digest = loadgen.digest(lines)
     row_bytes = sum(len(line) for line in lines) / len(lines)
     bodies = [loadgen.json_body(chunk) for chunk in loadgen.batches(lines, BATCH)]
+    budgets = (
+        budgets_for_lines(lines, args.budgets_fraction, args.seed)
+        if args.budgets_fraction > 0
+        else (0, [])
+    )
     del lines
     print(
         f"built {args.events:,} events in {len(bodies):,} bodies "
@@ -195,6 +208,15 @@ def run(args: argparse.Namespace, work: Path, argv: list[str] | None) -> int:
             if status != 201:
                 raise RuntimeError(f"creating an ingest key: {status} {body!r}")
             token = json.loads(body)["key"]
+        if budgets[1]:
+            posted = time.perf_counter()
+            post_prices(server.base, admin)
+            post_budgets(server.base, admin, budgets[1])
+            print(
+                f"budgets on: {len(budgets[1]):,} budgets on {args.budgets_fraction:.0%} of "
+                f"{budgets[0]:,} tenants, posted in {time.perf_counter() - posted:.1f}s",
+                flush=True,
+            )
         requests = [loadgen.post_request("127.0.0.1", server.port, token, b) for b in bodies]
         del bodies
         print(

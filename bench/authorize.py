@@ -1,0 +1,196 @@
+"""Budgets' speed figures (issue 7, acceptance 3): the spend ledger in process, and
+`POST /v1/authorize` over HTTP on loopback, alone and while ingest runs.
+
+    cd /work/main && .venv/bin/python -m bench.authorize [--parts inproc,http,mixed]
+        [--tenants 210000] [--fraction 0.1] [--rate 2000] [--seconds 20]
+        [--connections 8] [--results bench/RESULTS.md] [--note "..."]
+
+Parts (each figure absolute and as a ratio to a baseline measured in the same run):
+
+- `inproc` (bench/authorize_inproc.py): `SpendLedger.check` with the spend cache warm and
+  cold, and `prepare` per event; baseline `json.dumps` of a small dict in the same loop.
+- `http`: a `metering serve` subprocess on a fresh temp data dir (SQLite, chDB). Set-up:
+  start, post the price book, ingest a few events for each of the N tenants (registers
+  them and gives every budgeted scope usage under 1-3 price entries), stop, write the
+  budgets into SQLite, start again (the server rebuilds their spend from ClickHouse:
+  the second start-up time is reported). Then, open loop at `--rate` for `--seconds`
+  over `--connections` keep-alive connections (bench/authorize_load.py): GET /healthz
+  (baseline), then POST /v1/authorize with an ingest key, tenants drawn at random, half
+  of them budgeted.
+- `mixed`: the maximum ingest rate of bench/loadgen.py's generator against this server
+  (closed loop, 4 connections, ~10 s), then ingest paced at half of it (its own process)
+  while /healthz (baseline) and then /v1/authorize run at `--rate` as above.
+
+The parts live next to this file: bench/authorize_setup.py (tenants, budgets, prices,
+seed events), bench/authorize_http.py (the server and the runs), bench/authorize_load.py
+(the open-loop generator, the ingest worker), bench/authorize_asgi.py (the app's CPU per
+request, in process), bench/authorize_inproc.py (the ledger in process).
+
+The generator is checked, not assumed, not to be the bottleneck: the report gives its
+CPU (fraction of one core), how late its sends were against their due times, and the
+achieved rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.authorize_http import load, run_http
+from bench.ingest_report import code_version
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="inproc,http,mixed,asgi")
+    parser.add_argument("--tenants", type=int, default=210_000)
+    parser.add_argument("--fraction", type=float, default=0.1, help="tenants with budgets")
+    parser.add_argument("--rate", type=float, default=2_000.0, help="requests/s, open loop")
+    parser.add_argument("--seconds", type=float, default=20.0, help="per open-loop run")
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5, help="in-process rounds")
+    parser.add_argument("--ingest-max-events", type=int, default=1_500_000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--wait-quiet", type=float, default=60.0)
+    parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--note", default="")
+    parser.add_argument("--keep", action="store_true", help="keep the temp data dir")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="py-spy record the server during the authorize run alone (raw collapsed stacks)",
+    )
+    return parser.parse_args(argv)
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def render_http(h: dict[str, Any]) -> list[str]:
+    rows = [
+        f"Server: {h['tenants']:,} tenants registered by ingesting {h['seed_events']:,} seed "
+        f"events ({h['seed_s']:.1f} s), {h['budgets']:,} budgets on {h['budgeted_tenants']:,} "
+        f"tenants ({h['hard']:,} hard) written into SQLite, then a restart: ready in "
+        f"{h['start2_s']:.1f} s (first start on the empty dir {h['start1_s']:.1f} s; the "
+        f"second includes the budgets' spend rebuilt from ClickHouse). RSS after start "
+        f"{h['rss_after_start_mib']:.0f} MiB, peak {h['rss_end_mib']:.0f} MiB. Start-up work "
+        f"(the first reconciliation and forecasts, {h['alerts_at_start']:,.0f} alerts the "
+        f"loaded spend crossed) settled {h['settle_s']:.0f} s after ready; the runs start "
+        f"after it. Exact resyncs of all budget scopes (at start, then the minute's "
+        f"reconciliation, writer held meanwhile): {h['resyncs']:.0f}, "
+        f"{h['resync_s'] / max(h['resyncs'], 1):.2f} s each on average.",
+        "",
+        "| run | sent | achieved /s | p50 ms | p99 ms | max ms | p99 / baseline p99 "
+        "| target | verdict | send late p99 / max ms | generator CPU | server CPU | "
+        "denied | statuses | load before -> after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, target in (("alone", 2.0), ("mixed", 5.0)):
+        runs = h.get(key)
+        if not runs:
+            continue
+        base = runs[0]["p99"]
+        for n, r in enumerate(runs):
+            is_auth = n > 0
+            verdict = ("met" if r["p99"] <= target else "MISSED") if is_auth else "-"
+            rows.append(
+                f"| {r['name']} | {r['sent']:,} | {r['rate']:,.0f} | {r['p50']:.2f} | "
+                f"{r['p99']:.2f} | {r['max']:.1f} | {r['p99'] / base:.2f} | "
+                f"{f'p99 ≤ {target:g} ms' if is_auth else '-'} | {verdict} | "
+                f"{r['late_p99']:.2f} / {r['late_max']:.1f} | {r['gen_cpu']:.0%} | "
+                f"{r['server_cpu']:.0%} | {r['denied']:,} | {r['statuses']} | {r['load']} |"
+            )
+    if "asgi" in h:
+        a = h["asgi"]
+        rows += [
+            "",
+            f"The app's own CPU per request (ASGI called in process, no network; "
+            f"bench/authorize_asgi.py, median of {a['rounds']} rounds of {a['per_round']:,}): "
+            f"GET /healthz {a['healthz_us']:.0f} µs, POST /v1/authorize "
+            f"{a['authorize_us']:.0f} µs (ratio {a['authorize_us'] / a['healthz_us']:.2f}); "
+            f"statuses {a['statuses']}. At 2,000/s authorize alone needs "
+            f"{a['authorize_us'] * 2000 / 1e6:.0%} of the one event loop.",
+        ]
+    if "ingest_max" in h:
+        m, p = h["ingest_max"], h["ingest_paced"]
+        rows += [
+            "",
+            f"Ingest on this server (210K tenants, budgets on): maximum "
+            f"{m['events_per_s']:,.0f} events/s ({m['events']:,} events in {m['seconds']:.1f} s, "
+            f"closed loop, 4 connections, server CPU {m['server_cpu']:.0%}, generator CPU "
+            f"{m['cpu_seconds'] / m['seconds']:.0%}, {m['failures']} failures); during the "
+            f"mixed runs paced at {p['target']:,.0f}/s: achieved {p['events_per_s']:,.0f} "
+            f"events/s over {p['seconds']:.1f} s (worst send lateness {p['late_max_s']:.2f} s, "
+            f"{p['failures']} failures, generator CPU {p['cpu_seconds'] / p['seconds']:.0%}).",
+        ]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    parts = set(args.parts.split(","))
+    command = "python -m bench.authorize " + shlex.join(sys.argv[1:] if argv is None else argv)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load_before = load()
+    lines = [
+        f"### bench/authorize.py, {started}",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: nproc {os.cpu_count()}, Python {platform.python_version()}, "
+        f"load average {load_before} before  ",
+        f"Code: {code_version()}  ",
+    ]
+    if args.note:
+        lines.append(f"Note: {args.note}  ")
+    lines.append("")
+    ok = True
+    if "inproc" in parts:
+        from bench.authorize_inproc import measure, render
+
+        m = measure(args.tenants, args.fraction, args.seed, args.rounds)
+        block = render(m)
+        print("\n".join(block), flush=True)
+        lines += ["In process (`SpendLedger`):", "", *block, ""]
+        ok &= all(m["check"][k] <= 50e-6 for k in ("all", "warm", "cold"))
+    if parts & {"http", "mixed", "asgi"}:
+        work = Path(tempfile.mkdtemp(prefix="bench-authorize-"))
+        try:
+            h = run_http(args, work, parts)
+        finally:
+            if args.keep:
+                print(f"kept {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+        block = render_http(h)
+        print("\n".join(block), flush=True)
+        lines += [
+            f"Over HTTP on loopback (open loop {args.rate:,.0f}/s for {args.seconds:g} s "
+            f"per run, {args.connections} keep-alive connections; latency = request "
+            "written -> reply read, nearest-rank percentiles):",
+            "",
+            *block,
+            "",
+        ]
+        for key, target in (("alone", 2.0), ("mixed", 5.0)):
+            if key in h:
+                ok &= h[key][1]["p99"] <= target
+    lines.append(f"Load average after: {load()}")
+    text = "\n".join(lines)
+    if args.results is not None:
+        with open(args.results, "a") as f:
+            f.write("\n" + text + "\n")
+        print(f"appended to {args.results}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

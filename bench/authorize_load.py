@@ -1,0 +1,231 @@
+"""Load for bench/authorize.py: an open-loop HTTP generator and a paced ingest worker.
+
+`open_loop` sends pre-encoded HTTP/1.1 requests (authorize POSTs or /healthz GETs) at a
+fixed rate: request i is due at t0 + i / rate whatever happened before (open loop), and
+goes out on the first of a few keep-alive connections that is free. Latency is measured
+from the moment it is written to the reply's last byte; how late each send was against
+its due time is recorded too (if the generator or all connections fall behind, that
+shows there and in the achieved rate, not hidden). Raw asyncio streams on uvloop, no HTTP
+library: a few tens of microseconds of CPU per request (the run reports the generator's
+own CPU).
+
+The ingest worker runs in its own process (`python -m bench.authorize_load ingest ...`),
+so its 1,000-event bodies do not share an event loop with the authorize generator:
+`--mode max` sends as fast as 4 connections can (bench/loadgen.run_load) and prints
+events/s; `--mode paced --rate R` sends 1,000-event bodies open-loop at R events/s after
+a line on stdin says go. Each prints one JSON line of results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from bench import loadgen
+
+BATCH = 1_000
+
+
+def get_request(host: str, port: int, path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+
+
+def json_post(host: str, port: int, token: str, path: str, body: bytes) -> bytes:
+    return loadgen.post_request(host, port, token, body, path=path)
+
+
+@dataclass
+class OpenLoopResult:
+    sent: int = 0
+    latencies: list[float] = field(default_factory=list)  # write -> last byte, seconds
+    lateness: list[float] = field(default_factory=list)  # write - due, seconds
+    statuses: dict[int, int] = field(default_factory=dict)
+    denied: int = 0  # replies with "allowed":false
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0  # the generator's own CPU (user + system) during the run
+
+    @property
+    def rate(self) -> float:
+        return self.sent / self.seconds if self.seconds else 0.0
+
+
+async def open_loop(
+    host: str,
+    port: int,
+    requests: Sequence[bytes],
+    *,
+    rate: float,
+    seconds: float,
+    connections: int,
+    expect: int = 200,
+) -> OpenLoopResult:
+    """Send `rate` requests/s for `seconds` (cycling through `requests`)."""
+    total = int(rate * seconds)
+    result = OpenLoopResult()
+    clock = time.perf_counter
+    counter = iter(range(total))
+    streams = [await asyncio.open_connection(host, port) for _ in range(connections)]
+    denied_marker = b'"allowed":false'
+    start = clock() + 0.05
+    cpu_before = os.times()
+
+    async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for i in counter:
+            due = start + i / rate
+            delay = due - clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sent = clock()
+            writer.write(requests[i % len(requests)])
+            status, body = await loadgen.read_response(reader)
+            done = clock()
+            result.latencies.append(done - sent)
+            result.lateness.append(sent - due)
+            result.sent += 1
+            result.statuses[status] = result.statuses.get(status, 0) + 1
+            if status != expect and len(result.errors) < 20:
+                result.errors.append(f"HTTP {status}: {body[:200]!r}")
+            if denied_marker in body:
+                result.denied += 1
+
+    await asyncio.gather(*(worker(r, w) for r, w in streams))
+    result.seconds = clock() - start
+    cpu_after = os.times()
+    result.cpu_seconds = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    for _, writer in streams:
+        writer.close()
+    return result
+
+
+def run_open_loop(
+    host: str,
+    port: int,
+    requests: Sequence[bytes],
+    *,
+    rate: float,
+    seconds: float,
+    connections: int,
+) -> OpenLoopResult:
+    loop = loadgen.new_event_loop()
+    try:
+        return loop.run_until_complete(
+            open_loop(host, port, requests, rate=rate, seconds=seconds, connections=connections)
+        )
+    finally:
+        loop.close()
+
+
+# -- the ingest worker (its own process) ----------------------------------------------------
+
+
+async def paced_ingest(
+    host: str, port: int, bodies: Sequence[bytes], rate: float, connections: int
+) -> dict[str, float]:
+    """Send every body once, body i due at t0 + i * BATCH / rate (open loop)."""
+    clock = time.perf_counter
+    counter = iter(range(len(bodies)))
+    accepted = 0
+    late_max = 0.0
+    failures = 0
+    streams = [await asyncio.open_connection(host, port, limit=1 << 20) for _ in range(connections)]
+    start = clock() + 0.05
+
+    async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted, late_max, failures
+        for i in counter:
+            due = start + i * BATCH / rate
+            delay = due - clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            late_max = max(late_max, clock() - due)
+            writer.write(bodies[i])
+            await writer.drain()
+            status, body = await loadgen.read_response(reader)
+            if status != 202:
+                failures += 1
+            else:
+                accepted += json.loads(body)["accepted"]
+
+    await asyncio.gather(*(worker(r, w) for r, w in streams))
+    seconds = clock() - start
+    for _, writer in streams:
+        writer.close()
+    return {
+        "events": accepted,
+        "seconds": seconds,
+        "events_per_s": accepted / seconds,
+        "late_max_s": late_max,
+        "failures": failures,
+    }
+
+
+def ingest_worker(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--mode", choices=["max", "paced"], required=True)
+    parser.add_argument("--events", type=int, required=True)
+    parser.add_argument("--rate", type=float, default=0.0)
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--connections", type=int, default=4)
+    args = parser.parse_args(argv)
+    base_epoch = float(int(time.time()) - 900)
+    lines = loadgen.build_lines(
+        args.events, seed=loadgen_seed(), run_id=args.run_id, base_epoch=base_epoch
+    )
+    bodies = [
+        loadgen.post_request("127.0.0.1", args.port, args.token, loadgen.json_body(chunk))
+        for chunk in loadgen.batches(lines, BATCH)
+    ]
+    del lines
+    print(json.dumps({"ready": len(bodies)}), flush=True)
+    if sys.stdin.readline().strip() != "go":
+        return 1
+    loop = loadgen.new_event_loop()
+    cpu_before = os.times()
+    try:
+        if args.mode == "max":
+            result = loop.run_until_complete(
+                loadgen.run_load(
+                    "127.0.0.1",
+                    args.port,
+                    bodies,
+                    expect_accepted=[BATCH] * len(bodies),
+                    concurrency=args.connections,
+                )
+            )
+            out = {
+                "events": result.accepted,
+                "seconds": result.seconds,
+                "events_per_s": result.accepted / result.seconds,
+                "failures": len(result.failures),
+            }
+        else:
+            out = loop.run_until_complete(
+                paced_ingest("127.0.0.1", args.port, bodies, args.rate, args.connections)
+            )
+    finally:
+        loop.close()
+    cpu_after = os.times()
+    out["cpu_seconds"] = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+def loadgen_seed() -> int:
+    from bench.authorize_setup import LOADGEN_SEED
+
+    return LOADGEN_SEED
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "ingest":
+        sys.exit(ingest_worker(sys.argv[2:]))
+    sys.exit(2)
