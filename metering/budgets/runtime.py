@@ -52,6 +52,7 @@ ROUNDING = decimal.Context(prec=80, rounding=decimal.ROUND_HALF_EVEN)
 RESYNC_TIMEOUT = 30.0  # seconds to wait for the writer to reach the cut
 CLOCK_STEP = 0.003  # seconds: more than one tick of DateTime64(3)
 PROFILE_TTL = timedelta(hours=1)
+TICK = 0.1  # seconds between the alert worker's checks at most (a crossing fires within it)
 BOOK_POLL = 2.0  # seconds between price book checks (another replica's new entry)
 
 
@@ -204,11 +205,18 @@ class BudgetRuntime:
     # -- the worker -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        last = 0.0
         while not self._stop.is_set():
             self._wake.wait(1.0)
+            # Coalesce: under ingest every batch wakes the worker; checking at most every
+            # TICK seconds rates each changed scope once per tick, not once per batch.
+            early = TICK - (time.monotonic() - last)
+            if early > 0 and self._stop.wait(early):
+                return
             self._wake.clear()
             if self._stop.is_set():
                 return
+            last = time.monotonic()
             try:
                 self._tick()
             except Exception:
