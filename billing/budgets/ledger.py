@@ -315,12 +315,16 @@ class SpendLedger:
             taken = len(resync.after)
         scopes = resync.scopes
         fresh: UsageMap = {}
-        _merge(fresh, {k: v for k, v in base.items() if k[0] in scopes})
-        for usage in resync.after[:taken]:
+
+        def add(usage: UsageMap) -> None:
             _merge(fresh, {k: v for k, v in usage.items() if k[0] in scopes})
+
+        add(base)
+        for usage in resync.after[:taken]:
+            add(usage)
         with self._lock:
             for usage in resync.after[taken:]:
-                _merge(fresh, {k: v for k, v in usage.items() if k[0] in scopes})
+                add(usage)
             self._resync = None
             old = {k: v for k, v in self._usage.items() if k[0] in scopes}
             for key in old:

@@ -46,6 +46,19 @@ def _ticks(top: float) -> list[float]:
     return [top * i / 4 for i in range(5)]
 
 
+def _y_axis(top: float, fmt: Fmt) -> str:
+    """Five grid lines from 0 to `top`, each labelled on the left."""
+    plot_h = H - PAD_T - PAD_B
+    parts = []
+    for tick in _ticks(top):
+        ty = PAD_T + plot_h - (tick / top if top else 0) * plot_h
+        parts.append(
+            f'<line class="grid" x1="{PAD_L}" x2="{W - PAD_R}" y1="{ty:.1f}" y2="{ty:.1f}"/>'
+            f'<text class="axis" x="{PAD_L - 6}" y="{ty + 4:.1f}" text-anchor="end">{escape(fmt(tick))}</text>'
+        )
+    return "".join(parts)
+
+
 def line_chart(
     title: str,
     series: Sequence[Series],
@@ -80,12 +93,7 @@ def line_chart(
     def y(v: float) -> float:
         return PAD_T + plot_h - (v / top) * plot_h
 
-    for tick in _ticks(top):
-        out.append(
-            f'<line class="grid" x1="{PAD_L}" x2="{W - PAD_R}" y1="{y(tick):.1f}" y2="{y(tick):.1f}"/>'
-            f'<text class="axis" x="{PAD_L - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">'
-            f"{escape(fmt(tick))}</text>"
-        )
+    out.append(_y_axis(top, fmt))
     out.append(
         f'<text class="axis" x="{PAD_L}" y="{H - 8}">{min(xs):%b %d}</text>'
         f'<text class="axis" x="{W - PAD_R}" y="{H - 8}" text-anchor="end">{max(xs):%b %d}</text>'
@@ -132,12 +140,7 @@ def bar_chart(
     plot_w, plot_h = W - PAD_L - PAD_R, H - PAD_T - PAD_B
     slot = plot_w / len(categories)
     bar = slot * 0.8 / max(1, len(groups))
-    for tick in _ticks(top):
-        ty = PAD_T + plot_h - tick / top * plot_h
-        out.append(
-            f'<line class="grid" x1="{PAD_L}" x2="{W - PAD_R}" y1="{ty:.1f}" y2="{ty:.1f}"/>'
-            f'<text class="axis" x="{PAD_L - 6}" y="{ty + 4:.1f}" text-anchor="end">{escape(fmt(tick))}</text>'
-        )
+    out.append(_y_axis(top, fmt))
     for i, category in enumerate(categories):
         x0 = PAD_L + i * slot + slot * 0.1
         for j, (name, vs) in enumerate(groups):
