@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from billing.prices.book import PriceBookCache
 from metering.analytics.deps import ReadPool
+from metering.analytics.hours_cache import HoursCache
 from metering.analytics.projections import materialize_missing
 from metering.auth.service import KeyCache
 from metering.budgets.runtime import BudgetRuntime, Cut
@@ -73,6 +74,7 @@ class Services:
     key_cache: KeyCache = field(default_factory=KeyCache)
     prices: PriceBookCache = field(init=False)
     reads: ReadPool = field(init=False)
+    hours: HoursCache = field(default_factory=HoursCache)
     _ch: Client | None = None
     _stores: tuple[IngestStore, IngestStore] | None = None
     _stop_starting: threading.Event = field(default_factory=threading.Event)

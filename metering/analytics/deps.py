@@ -17,6 +17,7 @@ from clickhouse_connect.driver.client import Client
 from fastapi import Depends, Request
 
 from billing.prices.book import PriceBookCache
+from metering.analytics.hours_cache import HoursCache
 from metering.errors import ApiError
 
 FRESHNESS_WAIT = 5.0  # seconds a read waits for events accepted before it to be stored
@@ -69,6 +70,9 @@ class AnalyticsState(Protocol):
 
     @property
     def prices(self) -> PriceBookCache: ...
+
+    @property
+    def hours(self) -> HoursCache: ...
 
     @property
     def events(self) -> Barrier: ...

@@ -1,13 +1,13 @@
 """Usage facts from ClickHouse: aggregated rows that rating and the figures are built on.
 
 A window is read in pieces, each from the cheapest exact source:
-- whole UTC hours from the `p_hourly` projection (hundreds of rows for a month),
-  except hours in which a price takes effect off the hour;
+- whole UTC hours from a projection, except hours in which a price takes effect off
+  the hour: platform-wide from `p_hourly` (hundreds of rows for a month), with a tenant
+  filter or a tenant or project grouping from `p_tenant_hourly` (keyed by tenant first,
+  so one tenant's hours are a few granules); ClickHouse picks the one that reads least;
 - the rest (the partial hours at the window's edges, and those split hours) from the
   raw rows, each row's span starting at the later of its hour and the last price
-  boundary before it, so that one price applies to every span;
-- with a tenant or project filter or grouping, everything from the raw rows: the
-  table's key (day, tenant, project) keeps one tenant's read small.
+  boundary before it, so that one price applies to every span.
 
 Distinct accounts come from Roaring bitmaps of dense tenant numbers: whole days from
 `p_daily_tenants`, whole hours from `p_hourly`, the edges from raw rows; bitmaps union
@@ -93,10 +93,8 @@ class Plan:
     raw: list[tuple[datetime, datetime]]  # raw ranges
 
 
-def plan(window: Window, boundaries: Sequence[datetime], raw_only: bool) -> Plan:
+def plan(window: Window, boundaries: Sequence[datetime]) -> Plan:
     start, end = window.start, window.end
-    if raw_only:
-        return Plan(None, [], [(start, end)])
     h1, h2 = ceil_hour(start), floor_hour(end)
     if h1 >= h2:
         return Plan(None, [], [(start, end)])
@@ -142,8 +140,7 @@ def facts(
     """Aggregated usage of the window per time bucket (hour, day, month, or the whole
     window with None), split where a price takes effect, so one price covers each."""
     extra = [k for k in group if k in ("tenant_id", "project_id")]
-    raw_only = bool(extra) or "tenant_id" in filters or "project_id" in filters
-    p = plan(window, boundaries, raw_only)
+    p = plan(window, boundaries)
     params: dict[str, object] = dict(filters)
     params["bounds"] = [ms(b) for b in boundaries]
     params["origin"] = ms(floor_hour(window.start))
@@ -199,8 +196,8 @@ EVENTS_AFTER = (
 )
 
 
-def active_accounts(ch: Client, window: Window, settings: dict[str, object] | None = None) -> int:
-    """Distinct tenants with an event in the window, exactly (bitmap union).
+def _bitmap_branches(ch: Client, window: Window, params: dict[str, object]) -> list[str]:
+    """SELECTs of `groupBitmapState(tenant_num) AS s` whose union is the window's tenants.
 
     Whole days come from the daily bitmaps, other whole hours from the hourly ones, the
     partial hours at the edges from raw rows (read in time order from p_by_time). The
@@ -208,7 +205,6 @@ def active_accounts(ch: Client, window: Window, settings: dict[str, object] | No
     (the usual case for a window ending now; an event may be up to 5 minutes ahead):
     then its daily bitmap holds exactly the tenants of [its midnight, end)."""
     start, end = window.start, window.end
-    params: dict[str, object] = {}
     d1, d2 = ceil_day(start), floor_day(end)
     h1, h2 = ceil_hour(start), floor_hour(end)
     days: tuple[datetime, datetime] | None = None
@@ -250,10 +246,51 @@ def active_accounts(ch: Client, window: Window, settings: dict[str, object] | No
             "SELECT groupBitmapState(tenant_num) AS s FROM rerank_events WHERE "
             + _ranges(raw, params)
         )
+    return branches
+
+
+def active_accounts(ch: Client, window: Window, settings: dict[str, object] | None = None) -> int:
+    """Distinct tenants with an event in the window, exactly (bitmap union)."""
+    params: dict[str, object] = {}
+    branches = _bitmap_branches(ch, window, params)
     if not branches:
         return 0
     sql = "SELECT groupBitmapOr(s) FROM (" + " UNION ALL ".join(branches) + ")"
     return int(ch.query(sql, parameters=params, settings=settings or {}).result_rows[0][0])
+
+
+def tenant_numbers(ch: Client, window: Window) -> frozenset[int]:
+    """The dense numbers of the tenants with an event in the window (as active_accounts
+    counts them)."""
+    params: dict[str, object] = {}
+    branches = _bitmap_branches(ch, window, params)
+    if not branches:
+        return frozenset()
+    sql = "SELECT bitmapToArray(groupBitmapOrState(s)) FROM (" + " UNION ALL ".join(branches) + ")"
+    return frozenset(ch.query(sql, parameters=params).result_rows[0][0])
+
+
+def edge_facts(
+    ch: Client,
+    ranges: Sequence[tuple[datetime, datetime]],
+    boundaries: Sequence[datetime],
+    origin: datetime,
+) -> tuple[list[Fact], set[int]]:
+    """Platform facts of raw time ranges for the whole window (bucket None, `origin` the
+    window's first hour), and the numbers of the tenants with an event in them, in one
+    query."""
+    params: dict[str, object] = {"bounds": [ms(b) for b in boundaries], "origin": ms(origin)}
+    sql = (
+        f"SELECT {_span('timestamp', None, bool(boundaries))} AS span,"
+        f" provider, model, status, {_SUMS}, groupUniqArray(tenant_num) FROM rerank_events"
+        f" WHERE {_ranges(ranges, params)} GROUP BY span, provider, model, status"
+    )
+    out: list[Fact] = []
+    tenants: set[int] = set()
+    for row in ch.query(sql, parameters=params).result_rows:
+        out.append(Fact(_utc(row[0]), row[1], row[2], row[3], (), *map(int, row[4:9])))
+        tenants.update(row[9])
+    return out, tenants
 
 
 PROBE_COUNTS = (
@@ -266,4 +303,18 @@ PROBE_COUNTS = (
 def probe_counts(ch: Client, window: Window) -> dict[str, tuple[int, int]]:
     """(ok probes, probes) per provider in the window."""
     rows = ch.query(PROBE_COUNTS, parameters={"start": window.start, "end": window.end}).result_rows
+    return {provider: (int(ok), int(n)) for provider, ok, n in rows}
+
+
+def probe_counts_in(
+    ch: Client, ranges: Sequence[tuple[datetime, datetime]]
+) -> dict[str, tuple[int, int]]:
+    """(ok probes, probes) per provider in the time ranges."""
+    params: dict[str, object] = {}
+    sql = (
+        "SELECT provider, countIf(ok), count() FROM uptime_probes WHERE "
+        + _ranges(ranges, params)
+        + " GROUP BY provider"
+    )
+    rows = ch.query(sql, parameters=params).result_rows
     return {provider: (int(ok), int(n)) for provider, ok, n in rows}

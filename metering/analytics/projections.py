@@ -14,7 +14,7 @@ from clickhouse_connect.driver.client import Client
 
 log = logging.getLogger(__name__)
 
-PROJECTIONS = ("p_hourly", "p_hourly_tenants", "p_daily_tenants", "p_by_time")
+PROJECTIONS = ("p_hourly", "p_hourly_tenants", "p_daily_tenants", "p_by_time", "p_tenant_hourly")
 MISSING = (
     "SELECT count() FROM system.parts AS p"
     " WHERE p.database = currentDatabase() AND p.table = 'rerank_events' AND p.active"

@@ -16,6 +16,7 @@ from clickhouse_connect.driver.client import Client
 
 from billing.rating import EXACT, PriceBook, Usage, money, rate
 from metering.analytics.facts import Fact, active_accounts, facts, probe_counts
+from metering.analytics.hours_cache import HoursCache, sequential
 from metering.analytics.providers import ProviderFigures, provider_figures, rows_sorted
 from metering.analytics.window import Window, floor_day, floor_hour
 
@@ -64,8 +65,18 @@ def stats_facts(ch: Client, book: PriceBook, window: Window, tenant_id: str | No
     return facts(ch, window, boundaries, filters=filters, bucket=None)
 
 
-def stats(ch: Client, book: PriceBook, window: Window, tenant_id: str | None) -> dict[str, Any]:
-    """The figures with one client, query after query (the route runs them at once)."""
+def stats(
+    ch: Client,
+    book: PriceBook,
+    window: Window,
+    tenant_id: str | None,
+    hours: HoursCache | None = None,
+) -> dict[str, Any]:
+    """The figures with one client, query after query (the route runs them at once);
+    the platform's whole hours from `hours` when given."""
+    if tenant_id is None and hours is not None:
+        figures = hours.platform(sequential(ch), book, window)
+        return assemble_stats(book, window, None, figures.facts, figures.accounts, figures.probes)
     accounts = None if tenant_id else active_accounts(ch, window)
     return assemble_stats(
         book,

@@ -82,8 +82,8 @@ def start_all(
     if cursor is not None:
         log_window = Window(log.from_ms(cursor.from_ms), log.from_ms(cursor.to_ms))
     jobs: dict[str, Callable[[Client], Any]] = {
-        "stats": lambda ch: service.stats(ch, book, window, tenant),
-        "previous": lambda ch: service.stats(ch, book, previous, tenant),
+        "stats": lambda ch: service.stats(ch, book, window, tenant, state.hours),
+        "previous": lambda ch: service.stats(ch, book, previous, tenant, state.hours),
         "usage": lambda ch: service.usage(
             ch,
             book,

@@ -320,6 +320,12 @@ def test_whole_hours_and_days_are_read_from_projections(
         assert active_accounts(ch, days, settings=force) > 0
         assert active_accounts(ch, hours, settings=force) > 0
         assert provider_figures(ch, hours, None, settings=force)
+        # A tenant's hours, and usage grouped by tenant or project, from p_tenant_hourly.
+        tenant = {"force_optimize_projection_name": "p_tenant_hourly"}
+        one = facts(ch, hours, [], filters={"tenant_id": "acct-3"}, settings=tenant)
+        assert one and all(f.requests for f in one)
+        grouped = facts(ch, hours, [], filters={}, group=("project_id",), settings=tenant)
+        assert {f.keys for f in grouped} == {("proj-1",), ("proj-2",), ("proj-3",)}
 
 
 def test_cached_hourly_peaks_follow_late_events(

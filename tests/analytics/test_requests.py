@@ -132,6 +132,55 @@ def test_paging_while_events_arrive(api: TestClient) -> None:
     assert fresh_walk[len(arrived) :] == newest_first(events + late)
 
 
+def test_tenant_pages_read_by_hours_equal_brute_force(api: TestClient) -> None:
+    # A tenant's pages are read through its events per hour (p_tenant_hourly). The
+    # window starts and ends inside hours that hold the tenant's events on both sides
+    # of its edges, so the edge hours' counts include rows outside the window, and
+    # other tenants fill the same hours.
+    to = NOW.replace(minute=0, second=0) - timedelta(minutes=20)
+    start = to - timedelta(days=9, minutes=17)
+    mine: list[dict[str, Any]] = []
+    for i in range(60):
+        minutes = (i % 7) * 2 + (i // 7) * 1440 + (i % 3) * 61
+        mine.append(
+            event(
+                f"t{i:03d}",
+                timestamp=(to + timedelta(minutes=10) - timedelta(minutes=minutes)).isoformat(),
+                tenant_id="acct-t",
+                provider=("cohere", "azure")[i % 2],
+            )
+        )
+    mine += [
+        event(
+            f"t-old{i}",
+            timestamp=(start - timedelta(minutes=i + 1)).isoformat(),
+            tenant_id="acct-t",
+        )
+        for i in range(3)
+    ]
+    others = [
+        event(
+            f"o{i:03d}", timestamp=(to - timedelta(minutes=3 * i)).isoformat(), tenant_id="acct-o"
+        )
+        for i in range(200)
+    ]
+    post(api, mine + others)
+    window = {"from": start.isoformat(), "to": to.isoformat()}
+    inside = [e for e in mine if start <= datetime.fromisoformat(e["timestamp"]) < to]
+    assert 30 < len(inside) < 60
+    for limit in (1, 4, 25, 100):
+        assert walk(api, limit=limit, tenant_id="acct-t", **window) == newest_first(inside)
+    azure = [e for e in inside if e["provider"] == "azure"]
+    assert walk(api, limit=3, tenant_id="acct-t", provider="azure", **window) == newest_first(azure)
+    # A late event older than the cursor's position shows in a later page of the walk.
+    first = get(api, limit=5, tenant_id="acct-t", **window).json()
+    late = event("t-late", timestamp=(start + timedelta(minutes=1)).isoformat(), tenant_id="acct-t")
+    post(api, [late])
+    seen = [e["event_id"] for e in first["requests"]]
+    seen += walk(api, limit=5, tenant_id="acct-t", cursor=first["next_cursor"], **window)
+    assert seen == newest_first(inside + [late])
+
+
 def test_event_as_stored(api: TestClient) -> None:
     full = event(
         "full",

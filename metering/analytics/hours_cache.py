@@ -1,0 +1,214 @@
+"""The platform's figures of closed whole hours, kept between reads and proved current.
+
+`/v1/stats` for the platform (the seed page's cards, and the dashboard's) sums a window
+of whole hours and two partial ones at its edges. The whole hours are read from
+projections, but every query costs several milliseconds of planning whatever it reads
+(five projections to weigh, per part), and a 30-day window needs five of them. The
+whole hours' part of the answer (their facts, the set of their tenants' numbers, their
+probe counts) changes only when rows with a timestamp in them are stored later. So it
+is kept here, per window of whole hours, and reused while ClickHouse shows that no such
+row has been stored since; the edges are always read live (one query for events, one
+for probes), and so is the proof (one query of `system.parts`).
+
+The proof, exact on any replica, because it asks ClickHouse, not this process:
+- Every insert makes a part whose block numbers are above every earlier block of the
+  table; merges and mutations make parts whose block range covers the parts they
+  replace. The parts' names, block ranges and the minimum timestamp of their rows are
+  in `system.parts`.
+- The cached figures were read after a snapshot of the active parts was taken, so they
+  hold at least the rows of those parts (rows stored after the snapshot may be in them
+  too).
+- At a later read, if every active part is either in that snapshot or made only of
+  blocks above the snapshot's highest (new rows only) with its minimum timestamp at or
+  after the end of the whole hours, and every part of the snapshot is still there or
+  inside a part that is (nothing dropped), then the rows before that end are exactly
+  those of the snapshot: the cached figures are current. Otherwise (late rows in those
+  hours, a merge or a mutation of old parts, a dropped partition) they are read again.
+Under steady ingest the test passes until a merge takes in a part of the snapshot; then
+one read pays for the whole hours again. Per-tenant figures are read directly (they
+come from `p_tenant_hourly` in one query and need no set of tenants).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+
+from billing.rating import PriceBook
+from metering.analytics.facts import (
+    Fact,
+    edge_facts,
+    facts,
+    probe_counts,
+    probe_counts_in,
+    tenant_numbers,
+)
+from metering.analytics.window import Window, ceil_hour, floor_hour
+
+# Reads of one figure: the caller runs them (at once, each on a client of its own, or one
+# after another on one client) and returns their results in order.
+Runner = Callable[[Sequence[Callable[[Client], Any]]], list[Any]]
+
+TABLES = ("rerank_events", "uptime_probes")
+PARTS = (
+    "SELECT table, partition_id, name, min_block_number, max_block_number,"
+    " toUnixTimestamp(min_time) FROM system.parts"
+    " WHERE database = currentDatabase() AND active"
+    " AND table IN ('rerank_events', 'uptime_probes')"
+)
+MAX_ENTRIES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    partition: str
+    min_block: int
+    max_block: int
+    min_time: int  # Unix seconds, rounded down (ClickHouse's min_time of the part)
+
+
+Snapshot = dict[str, dict[str, Part]]  # table -> part name -> part
+
+
+def snapshot(ch: Client) -> Snapshot:
+    out: Snapshot = {table: {} for table in TABLES}
+    for table, partition, name, lo, hi, min_time in ch.query(PARTS).result_rows:
+        out[table][name] = Part(partition, int(lo), int(hi), int(min_time))
+    return out
+
+
+def unchanged_before(old: Snapshot, new: Snapshot, end: datetime) -> bool:
+    """True when the rows with a timestamp before `end` in `new`'s parts are exactly
+    those of `old`'s (see the module's docstring)."""
+    end_s = int(end.timestamp())
+    for table in TABLES:
+        before, now = old.get(table, {}), new.get(table, {})
+        top = max((p.max_block for p in before.values()), default=0)
+        for name, part in now.items():
+            if name in before:
+                continue
+            if part.min_block <= top or part.min_time < end_s:
+                return False
+        for name, part in before.items():
+            if name not in now and not any(
+                q.partition == part.partition
+                and q.min_block <= part.min_block
+                and part.max_block <= q.max_block
+                for q in now.values()
+            ):
+                return False
+    return True
+
+
+@dataclass(frozen=True)
+class WholeHours:
+    """The platform's figures of [start, end), both whole hours."""
+
+    facts: list[Fact]
+    tenants: frozenset[int]
+    probes: dict[str, tuple[int, int]]
+    seen: Snapshot  # taken before they were read
+
+
+@dataclass(frozen=True)
+class Platform:
+    """Everything /v1/stats needs for the platform."""
+
+    facts: list[Fact]
+    accounts: int
+    probes: dict[str, tuple[int, int]]
+
+
+Counts = dict[str, tuple[int, int]]  # provider -> (ok probes, probes)
+
+
+def _add(a: Counts, b: Counts) -> Counts:
+    out = dict(a)
+    for provider, (ok, n) in b.items():
+        ok0, n0 = out.get(provider, (0, 0))
+        out[provider] = (ok0 + ok, n0 + n)
+    return out
+
+
+class HoursCache:
+    """Whole-hour figures per window of whole hours (and price boundaries), newest used
+    kept (at most MAX_ENTRIES)."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple[Any, ...], WholeHours] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def _get(self, key: tuple[Any, ...]) -> WholeHours | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def _put(self, key: tuple[Any, ...], entry: WholeHours) -> None:
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > MAX_ENTRIES:
+                self._entries.popitem(last=False)
+
+    def platform(self, run: Runner, book: PriceBook, window: Window) -> Platform:
+        """The platform's facts (one bucket for the window), active accounts and probe
+        counts of `window`, exact."""
+        start, end = window.start, window.end
+        h1, h2 = ceil_hour(start), floor_hour(end)
+        origin = floor_hour(start)
+        boundaries = book.boundaries(origin, end)
+        if h1 >= h2:  # no whole hour: all of it is an edge
+            (rows, tenant_set), probes = run(
+                [
+                    lambda ch: edge_facts(ch, [(start, end)], boundaries, origin),
+                    lambda ch: probe_counts(ch, window),
+                ]
+            )
+            return Platform(rows, len(tenant_set), probes)
+        ranges = [r for r in ((start, h1), (h2, end)) if r[0] < r[1]]
+        key = (h1, h2, tuple(book.boundaries(h1, h2)))
+        cached = self._get(key)
+        seen, edges, edge_probes = run(
+            [
+                snapshot,
+                lambda ch: edge_facts(ch, ranges, boundaries, origin) if ranges else ([], set()),
+                lambda ch: probe_counts_in(ch, ranges) if ranges else {},
+            ]
+        )
+        if cached is not None and unchanged_before(cached.seen, seen, h2):
+            self.hits += 1
+        else:
+            self.misses += 1
+            hours = Window(h1, h2)
+            hour_boundaries = book.boundaries(h1, h2)
+            hour_facts, tenants, probes = run(
+                [
+                    lambda ch: facts(ch, hours, hour_boundaries, filters={}, bucket=None),
+                    lambda ch: tenant_numbers(ch, hours),
+                    lambda ch: probe_counts(ch, hours),
+                ]
+            )
+            cached = WholeHours(hour_facts, tenants, probes, seen)
+            self._put(key, cached)
+        edge_rows, edge_tenants = edges
+        accounts = len(cached.tenants) + len(edge_tenants.difference(cached.tenants))
+        return Platform(cached.facts + edge_rows, accounts, _add(cached.probes, edge_probes))
+
+
+def sequential(ch: Client) -> Runner:
+    """A Runner that reads one after another on one client."""
+
+    def run(reads: Sequence[Callable[[Client], Any]]) -> list[Any]:
+        return [read(ch) for read in reads]
+
+    return run
