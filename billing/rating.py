@@ -124,6 +124,17 @@ def meter_amount(quantity: int, unit_price: Decimal, meter: Meter) -> Decimal:
     return EXACT.multiply(Decimal(quantity), unit_price).scaleb(-UNIT_EXPONENT[meter], EXACT)
 
 
+def unit_rate(unit_price: Decimal, meter: Meter) -> tuple[int, int]:
+    """`meter_amount` as integers: the amount of a quantity q is exactly
+    q x mantissa x 10^exponent, for the returned (mantissa, exponent). For callers that
+    price millions of quantities at a few prices (a month's invoice lines)."""
+    sign, digits, exponent = unit_price.as_tuple()
+    if not isinstance(exponent, int):
+        raise decimal.InvalidOperation(f"unit price {unit_price} is not a finite number")
+    mantissa = int("".join(map(str, digits))) if digits else 0
+    return (-mantissa if sign else mantissa), exponent - UNIT_EXPONENT[meter]
+
+
 def event_cost(
     price: PriceEntry, input_tokens: int, output_tokens: int, doc_query_pairs: int
 ) -> Decimal:
@@ -162,6 +173,19 @@ class PriceBook:
         """The entries in force at `at` for every model of `provider`."""
         found = (self.price_at(p, m, at) for (p, m) in self._by_key if p == provider)
         return sorted((e for e in found if e is not None), key=lambda e: e.model)
+
+    def boundaries_by_model(
+        self, start: datetime, end: datetime
+    ) -> dict[tuple[str, str], list[datetime]]:
+        """Per (provider, model): the instants in (start, end) where one of its entries
+        takes effect, ascending. Spans of one (provider, model)'s usage cut there (and
+        nowhere else) each have one price: the entry in force at the span's start."""
+        out = {}
+        for key, starts in self._starts.items():
+            inside = sorted({t for t in starts if start < t < end})
+            if inside:
+                out[key] = inside
+        return out
 
     def boundaries(self, start: datetime, end: datetime) -> list[datetime]:
         """Every instant in (start, end) where some entry takes effect: spans of usage

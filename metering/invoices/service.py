@@ -23,11 +23,12 @@ time ClickHouse stored each event.
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
+from itertools import groupby
+from operator import itemgetter
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
@@ -35,8 +36,7 @@ from sqlalchemy.orm import Session
 
 from billing.budgets.forecast import month_end_forecast
 from billing.invoices import repository as repo
-from billing.invoices.builder import CENT, Built, Line, LineKey, build, quantities
-from billing.invoices.models import InvoiceRow
+from billing.invoices.builder import CENT, Built, LineKey, SpanPrices, build, draft, quantities
 from billing.invoices.periods import Period
 from billing.rating import PriceBook, Usage
 from metering.invoices import usage as ch_usage
@@ -127,7 +127,11 @@ def run_period(
     stripe: bool = False,
     wall: Callable[[], datetime] = utcnow,
 ) -> RunResult:
-    """Build (or refresh) the month's drafts and, with `finalize`, finalize them."""
+    """Build (or refresh) the month's drafts and, with `finalize`, finalize them.
+
+    The month's usage is streamed from ClickHouse in tenant order; each tenant's lines
+    are built and stored (COPY on PostgreSQL) while the next rows arrive (`_draft_all`);
+    the invoices follow, numbered in tenant order (`_store_invoices`)."""
     if now < period.end:
         raise PeriodNotEnded(f"period: {period} has not ended yet (it ends {period.end:%Y-%m-%d})")
     result = RunResult(str(period), finalize)
@@ -136,66 +140,125 @@ def run_period(
     period_row = repo.get_period(session, name)
     closed = period_row is not None and period_row.status == "finalized"
     read_at = wall()
-    if closed:
-        existing = repo.invoices_of(session, name, repo.draft_tenants(session, name))
-        tenants: set[str] | None = set(existing)
-        usage = ch_usage.usage(ch, book, period.start, period.end, tenants) if tenants else {}
-    else:
-        existing = repo.invoices_of(session, name)
-        tenants = None
-        usage = ch_usage.usage(ch, book, period.start, period.end)
+    # Drafts are rebuilt whole (a closed month's are its held ones): read, then deleted
+    # with their lines; the rebuilt ones are stored again with their id and creation time.
+    existing = repo.drafts_of(session, name)
+    tenants: set[str] | None = set(existing) if closed else None
     late = late_usage(session, ch, book, period, tenants) if tenants != set() else {}
-    issued = {t for t, i in existing.items() if i.status != "draft"}
+    issued = set() if closed else repo.issued_tenants(session, name)
     result.unchanged = len(issued) if not closed else repo.count_issued(session, name)
-    built: dict[str, Built] = {}
-    prices = {e.id: e for e in book.entries}
-    for tenant in sorted((set(usage) | set(late) | set(existing)) - issued):
-        built[tenant] = build(usage.get(tenant, []), book, name, late.get(tenant), prices)
-    _write(session, name, existing, built, finalize=finalize, now=now, stripe=stripe, result=result)
+    repo.delete_drafts(session, name)
+    if tenants == set():
+        rows: Iterator[ch_usage.UsageRow] = iter(())
+    else:
+        rows = ch_usage.billable_rows(ch, book, period.start, period.end, tenants)
+    drafted = _draft_all(session, book, name, rows, late, existing, issued)
+    _store_invoices(
+        session, name, existing, drafted, finalize=finalize, now=now, stripe=stripe, result=result
+    )
     repo.save_period(session, name, "finalized" if finalize else "draft", now=now, read_at=read_at)
     result.status = "finalized" if finalize or closed else "draft"
     return result
 
 
-def _write(
+@dataclass
+class DraftedInvoice:
+    tenant_id: str
+    invoice_id: str
+    lines: int
+    total: Decimal
+    unpriced_reason: str | None
+
+
+def _draft_all(
+    session: Session,
+    book: PriceBook,
+    period: str,
+    rows: Iterator[ch_usage.UsageRow],
+    late: Mapping[str, LateInput],
+    existing: Mapping[str, Mapping[str, Any]],
+    issued: Collection[str],
+) -> list[DraftedInvoice]:
+    """Every tenant's invoice of `period` (usage rows in tenant order, late usage, drafts
+    to rebuild; `issued` tenants are left alone), in tenant order, lines stored as they
+    are built. Tenants without a line get no entry."""
+    prices = SpanPrices(book, ch_usage.span_start)
+    entries = {e.id: e for e in book.entries}
+    # Tenants with late usage or a draft but no usage this month, merged in tenant order.
+    others = sorted((set(late) | set(existing)) - set(issued), reverse=True)
+    fresh = repo.ordered_invoice_ids()
+    out: list[DraftedInvoice] = []
+
+    def one(tenant: str, own: list[ch_usage.UsageRow], writer: repo.LineWriter) -> None:
+        if tenant in issued:
+            return
+        d = draft(own, prices, period, late.get(tenant), entries)
+        if not d.lines:
+            return
+        inv = existing.get(tenant)
+        invoice_id = inv["id"] if inv is not None else next(fresh)
+        writer.write(invoice_id, d.lines)
+        out.append(DraftedInvoice(tenant, invoice_id, len(d.lines), d.total, d.unpriced_reason()))
+
+    with repo.line_writer(session) as writer:
+        for tenant, group in groupby(rows, key=itemgetter(0)):
+            while others and others[-1] < tenant:
+                one(others.pop(), [], writer)
+            if others and others[-1] == tenant:
+                others.pop()
+            one(tenant, list(group), writer)
+        while others:
+            one(others.pop(), [], writer)
+    return out
+
+
+def _store_invoices(
     session: Session,
     period: str,
-    existing: Mapping[str, InvoiceRow],
-    built: Mapping[str, Built],
+    existing: Mapping[str, Mapping[str, Any]],
+    drafted: list[DraftedInvoice],
     *,
     finalize: bool,
     now: datetime,
     stripe: bool,
     result: RunResult,
 ) -> None:
-    final = [t for t, b in sorted(built.items()) if b.lines and finalize and not b.unpriced]
+    """The invoices of the drafted lines: numbered in tenant order when finalized (unless
+    held), drafts otherwise; the rebuilt drafts' rows are replaced (same id and creation
+    time), drafts left without a line are removed."""
+    final = [d.tenant_id for d in drafted if finalize and d.unpriced_reason is None]
     first = repo.take_numbers(session, len(final)) if final else 0
     numbers = {t: first + i for i, t in enumerate(final)}
-    details = repo.billing_of(session, final) if final else {}
-    inserts: list[dict[str, Any]] = []
-    updates: list[dict[str, Any]] = []
-    removes: list[str] = []
-    lines: list[tuple[str, list[Line]]] = []
-    for tenant, b in sorted(built.items()):
-        inv = existing.get(tenant)
-        if not b.lines:
-            if inv is not None:
-                removes.append(inv.id)
-                result.removed += 1
-            continue
+    details = repo.billing_details(session, set(final)) if final else {}
+    kept = {d.tenant_id for d in drafted}
+    result.removed += sum(1 for t in existing if t not in kept)
+    rows: list[dict[str, Any]] = []
+    for d in drafted:
+        inv = existing.get(d.tenant_id)
         values: dict[str, Any] = {
+            "id": d.invoice_id,
+            "tenant_id": d.tenant_id,
+            "period": period,
             "status": "draft",
             "number": None,
-            "subtotal_usd": b.subtotal,
-            "total_usd": b.total,
-            "held_reason": b.unpriced_reason() if finalize else None,
+            "currency": "USD",
+            "subtotal_usd": d.total,
+            "total_usd": d.total,
+            "held_reason": d.unpriced_reason if finalize else None,
+            "created_at": now,
             "updated_at": now,
         }
-        if tenant in numbers:
-            bill = details.get(tenant)
+        if inv is not None:
+            # A draft rebuilt: every column it had, then the new content.
+            values = {**inv, **values, "created_at": inv["created_at"], "currency": inv["currency"]}
+            result.refreshed += 1
+        else:
+            result.created += 1
+        if d.tenant_id in numbers:
+            bill = details.get(d.tenant_id)
             values.update(
                 status="finalized",
-                number=numbers[tenant],
+                number=numbers[d.tenant_id],
                 finalized_at=now,
                 bill_name=bill.name if bill else None,
                 bill_email=bill.email if bill else None,
@@ -205,25 +268,10 @@ def _write(
             )
             result.finalized += 1
         elif finalize:
-            result.held.append({"tenant_id": tenant, "reason": values["held_reason"] or ""})
-        if inv is None:
-            invoice_id = "inv_" + secrets.token_hex(12)
-            inserts.append(
-                {"id": invoice_id, "tenant_id": tenant, "period": period, "created_at": now}
-                | {"currency": "USD"}
-                | values
-            )
-            result.created += 1
-        else:
-            invoice_id = inv.id
-            updates.append({"id": invoice_id, **values})
-            result.refreshed += 1
-        lines.append((invoice_id, b.lines))
-        result.total += b.total
-    repo.delete_invoices(session, removes)
-    repo.update_invoices(session, updates)
-    repo.insert_invoices(session, inserts)
-    repo.replace_lines(session, [u["id"] for u in updates], lines)
+            result.held.append({"tenant_id": d.tenant_id, "reason": d.unpriced_reason or ""})
+        rows.append(values)
+        result.total += d.total
+    repo.insert_invoices(session, rows)
     session.flush()
 
 

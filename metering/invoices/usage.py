@@ -10,7 +10,7 @@ covers each span (`billing.rating.PriceBook.boundaries`). Values are bound as pa
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -78,6 +78,70 @@ def usage(
                     Usage(project, provider, model, _utc(span), int(n_in), int(n_out), int(n_pairs))
                 )
     return dict(out)
+
+
+# A month's close: the same sums, with spans cut only where each (provider, model)'s own
+# price changes (so each row has one price entry), as UInt64 (a sum beyond it raises),
+# the span's start in epoch milliseconds, sorted by tenant, project, provider, model and
+# span (the order of an invoice's lines), streamed.
+_ROWS = (
+    "SELECT tenant_id, project_id, provider, model, toUnixTimestamp64Milli(span),"
+    " toUInt64(n_input), toUInt64(n_output), toUInt64(n_pairs) FROM ("
+    "SELECT tenant_id, project_id, provider, model, {span} AS span, "
+    + _SUMS
+    + " FROM rerank_events"
+    f" WHERE timestamp >= {{start:{_T64}}} AND timestamp < {{end:{_T64}}} AND status = 'ok'"
+    "{tenants} GROUP BY tenant_id, project_id, provider, model, span)"
+    " WHERE throwIf(greatest(n_input, n_output, n_pairs) > 18446744073709551615,"
+    " 'invoice usage: a sum exceeds UInt64') = 0"
+    " ORDER BY tenant_id, project_id, provider, model, span"
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+UsageRow = tuple[str, str, str, str, int, int, int, int]
+
+
+def span_start(ms_since_epoch: int) -> datetime:
+    """A usage row's span key (epoch milliseconds) as the instant it stands for."""
+    return _EPOCH + timedelta(milliseconds=ms_since_epoch)
+
+
+def billable_rows(
+    ch: Client,
+    book: PriceBook,
+    start: datetime,
+    end: datetime,
+    tenants: Collection[str] | None = None,
+) -> Iterator[UsageRow]:
+    """Billable usage in [start, end) as rows (tenant, project, provider, model, span
+    start in epoch ms, input tokens, output tokens, pairs), sorted in that order and
+    streamed. A span starts at `start` or where the (provider, model)'s price changes
+    (`PriceBook.boundaries_by_model`), so one price entry covers each row's span."""
+    params: dict[str, object] = {"start": ms(start), "end": ms(end)}
+    cuts = []
+    for i, ((provider, model), instants) in enumerate(
+        sorted(book.boundaries_by_model(start, end).items())
+    ):
+        params[f"p{i}"], params[f"m{i}"] = provider, model
+        for k, instant in enumerate(instants):
+            params[f"b{i}_{k}"] = ms(instant)
+            cuts.append(
+                f"if(provider = {{p{i}:String}} AND model = {{m{i}:String}}"
+                f" AND timestamp >= {{b{i}_{k}:{_T64}}}, {{b{i}_{k}:{_T64}}}, {{start:{_T64}}})"
+            )
+    span = f"greatest({{start:{_T64}}}, {', '.join(cuts)})" if cuts else f"{{start:{_T64}}}"
+    sql = _ROWS.replace("{span}", span)
+    if tenants is None:
+        chunks: list[list[str] | None] = [None]
+    else:
+        ordered = sorted(tenants)
+        chunks = [ordered[i : i + TENANT_CHUNK] for i in range(0, len(ordered), TENANT_CHUNK)]
+    for chunk in chunks:
+        query = sql.replace("{tenants}", "" if chunk is None else _TENANTS)
+        if chunk is not None:
+            params["tenants"] = chunk
+        with ch.query_rows_stream(query, parameters=params) as rows:
+            yield from rows
 
 
 def late_candidates(ch: Client, start: datetime, end: datetime, since: datetime) -> set[str]:
