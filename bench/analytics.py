@@ -66,6 +66,7 @@ class Question:
     raw_times: list[float] = field(default_factory=list)
     raw_error: str = ""
     server_start_s: float = 0.0
+    settle_s: float = 0.0
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
 
     @property
@@ -201,6 +202,7 @@ def ask(q: Question, data_dir: Path, token: str, k: int, prices: list[dict[str, 
     server = Server(data_dir, token)
     q.server_start_s = server.start()
     try:
+        q.settle_s = server.settle()
         headers = {"Authorization": f"Bearer {token}"}
         with httpx.Client(base_url=server.base, headers=headers, timeout=300.0) as client:
             if not prices:
@@ -284,7 +286,9 @@ def render(qs: list[Question], info: dict[str, str]) -> str:
         if info.get(key.lower()):
             lines.append(f"{key}: {info[key.lower()]}  ")
     lines += [
-        f"Method: per question, `metering serve` on the data dir, 1 warm-up + K={info['k']}"
+        "Method: per question, `metering serve` on the data dir, ready, then idle (under 5%"
+        " of a core for 3 s: its start-up jobs done),"
+        f" 1 warm-up + K={info['k']}"
         " sequential GETs on one keep-alive httpx connection; then the server stopped and,"
         " in its own process on the same chDB path, 1 warm-up + K runs of the raw SQL"
         " (`optimize_use_projections = 0`) over the window the endpoint reported. p99 is"
@@ -313,7 +317,11 @@ def render(qs: list[Question], info: dict[str, str]) -> str:
         if q.raw_error:
             lines.append(f"- {q.name}: raw query FAILED: {q.raw_error[:500]}")
     starts = ", ".join(f"{q.server_start_s:.1f}" for q in qs)
-    lines += ["", f"Server start to /readyz 200, per question (s): {starts}"]
+    settles = ", ".join(f"{q.settle_s:.1f}" for q in qs)
+    lines += [
+        "",
+        f"Server start to /readyz 200, per question (s): {starts}; then until idle: {settles}",
+    ]
     return "\n".join(lines) + "\n"
 
 

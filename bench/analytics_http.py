@@ -85,6 +85,26 @@ class Server:
             self.stop(timeout=30)
             raise
 
+    def settle(self, quiet_s: float = 3.0, timeout: float = 600.0) -> float:
+        """Wait until the server has used under 5% of a core for `quiet_s` seconds in a
+        row (start-up jobs done: the first invoice run, budgets, forecasts), at most
+        `timeout`; seconds waited. Reads are timed in that steady state."""
+        assert self.proc is not None
+        started = time.perf_counter()
+        tick = os.sysconf("SC_CLK_TCK")
+
+        def cpu() -> float:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+
+        quiet, last = 0.0, cpu()
+        while quiet < quiet_s and time.perf_counter() - started < timeout:
+            time.sleep(1.0)
+            now = cpu()
+            quiet = quiet + 1.0 if now - last < 0.05 else 0.0
+            last = now
+        return time.perf_counter() - started
+
     def stop(self, timeout: float = 120.0) -> int:
         """SIGTERM, SIGKILL past `timeout`; waits until the process (and its lock) is gone."""
         if self.proc is None or self.proc.poll() is not None:
