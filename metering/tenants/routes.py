@@ -20,13 +20,18 @@ from metering.tenants.models import Tenant
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 
 
+_ADDR = r"[^@\s\x00-\x1f\x7f-\x9f]"
+
+
 class BillingIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Annotated[str | None, Field(min_length=1, max_length=200)] = None
-    email: Annotated[str | None, Field(max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")] = (
-        None
-    )
+    # No spaces and no control characters (listed too: Python's \s takes U+001C-U+001F
+    # and U+0085, JSON Schema's does not, and both must read the pattern alike).
+    email: Annotated[
+        str | None, Field(max_length=254, pattern=rf"^{_ADDR}+@{_ADDR}+\.{_ADDR}+$")
+    ] = None
     address: Annotated[str | None, Field(max_length=1000)] = None
     currency: Annotated[str, Field(pattern=r"^USD$", description="USD (the only currency yet)")] = (
         "USD"
