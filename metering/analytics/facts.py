@@ -127,6 +127,72 @@ def _span(t: str, bucket: str | None, bounded: bool) -> str:
     return f"greatest({start}, arrayLast(b -> b <= {t}, {{bounds:Array({_T64})}}))"
 
 
+@dataclass(frozen=True)
+class FactQueries:
+    """A window's facts as two SELECTs (either may be absent): whole hours from a
+    projection, and raw rows (the edges and the hours a price change splits)."""
+
+    hours: str | None
+    hours_params: dict[str, object]
+    hours_end: datetime | None  # the whole hours end here (None: no whole hours)
+    raw: str | None
+    raw_params: dict[str, object]
+    keys: int  # extra group key columns (tenant_id, project_id) after status
+
+
+def fact_queries(
+    window: Window,
+    boundaries: Sequence[datetime],
+    *,
+    filters: dict[str, str],
+    group: Sequence[str] = (),
+    bucket: str | None = "hour",
+) -> FactQueries:
+    extra = [k for k in group if k in ("tenant_id", "project_id")]
+    p = plan(window, boundaries)
+    common: dict[str, object] = dict(filters)
+    common["bounds"] = [ms(b) for b in boundaries]
+    common["origin"] = ms(floor_hour(window.start))
+    key_cols = "".join(f", {k}" for k in extra)
+    hours_sql = raw_sql = None
+    hours_params, raw_params = dict(common), dict(common)
+    if p.hours is not None:
+        # Every expression is of toStartOfHour(timestamp), the projection's key.
+        hours_params["split"] = p.split_hours
+        hours_sql = (
+            f"SELECT {_span('toStartOfHour(timestamp)', bucket, bool(boundaries))} AS span,"
+            f" provider, model, status{key_cols}, {_SUMS} FROM rerank_events WHERE "
+            + _hour_range(hours_params, p.hours[0], p.hours[1], "h")
+            + " AND NOT has({split:Array(DateTime('UTC'))}, toStartOfHour(timestamp))"
+            + _where(filters)
+            + f" GROUP BY span, provider, model, status{key_cols}"
+        )
+    if p.raw:
+        raw_sql = (
+            f"SELECT {_span('timestamp', bucket, bool(boundaries))} AS span,"
+            f" provider, model, status{key_cols}, {_SUMS} FROM rerank_events WHERE "
+            + _ranges(p.raw, raw_params)
+            + _where(filters)
+            + f" GROUP BY span, provider, model, status{key_cols}"
+        )
+    hours_end = p.hours[1] if p.hours is not None else None
+    return FactQueries(hours_sql, hours_params, hours_end, raw_sql, raw_params, len(extra))
+
+
+def read_facts(
+    ch: Client,
+    sql: str,
+    params: dict[str, object],
+    keys: int,
+    settings: dict[str, object] | None = None,
+) -> list[Fact]:
+    n = 4 + keys
+    return [
+        Fact(_utc(row[0]), row[1], row[2], row[3], tuple(row[4:n]), *map(int, row[n : n + 5]))
+        for row in ch.query(sql, parameters=params, settings=settings or {}).result_rows
+    ]
+
+
 def facts(
     ch: Client,
     window: Window,
@@ -139,52 +205,14 @@ def facts(
 ) -> list[Fact]:
     """Aggregated usage of the window per time bucket (hour, day, month, or the whole
     window with None), split where a price takes effect, so one price covers each."""
-    extra = [k for k in group if k in ("tenant_id", "project_id")]
-    p = plan(window, boundaries)
-    params: dict[str, object] = dict(filters)
-    params["bounds"] = [ms(b) for b in boundaries]
-    params["origin"] = ms(floor_hour(window.start))
-    selects = []
-    key_cols = "".join(f", {k}" for k in extra)
-    if p.hours is not None:
-        # Every expression is of toStartOfHour(timestamp), the projection's key.
-        params["split"] = p.split_hours
-        selects.append(
-            f"SELECT {_span('toStartOfHour(timestamp)', bucket, bool(boundaries))} AS span,"
-            f" provider, model, status{key_cols}, {_SUMS} FROM rerank_events WHERE "
-            + _hour_range(params, p.hours[0], p.hours[1], "h")
-            + " AND NOT has({split:Array(DateTime('UTC'))}, toStartOfHour(timestamp))"
-            + _where(filters)
-            + f" GROUP BY span, provider, model, status{key_cols}"
-        )
-    if p.raw:
-        selects.append(
-            f"SELECT {_span('timestamp', bucket, bool(boundaries))} AS span,"
-            f" provider, model, status{key_cols}, {_SUMS} FROM rerank_events WHERE "
-            + _ranges(p.raw, params)
-            + _where(filters)
-            + f" GROUP BY span, provider, model, status{key_cols}"
-        )
-    out: list[Fact] = []
-    n = 4 + len(extra)
-    if selects:  # one query: planning, not reading, is most of a small read's cost
-        sql = " UNION ALL ".join(selects)
-        for row in ch.query(sql, parameters=params, settings=settings or {}).result_rows:
-            out.append(
-                Fact(
-                    _utc(row[0]),
-                    row[1],
-                    row[2],
-                    row[3],
-                    tuple(row[4:n]),
-                    int(row[n]),
-                    int(row[n + 1]),
-                    int(row[n + 2]),
-                    int(row[n + 3]),
-                    int(row[n + 4]),
-                )
-            )
-    return out
+    q = fact_queries(window, boundaries, filters=filters, group=group, bucket=bucket)
+    selects = [sql for sql in (q.hours, q.raw) if sql is not None]
+    if not selects:
+        return []
+    # One query: planning, not reading, is most of a small read's cost.
+    return read_facts(
+        ch, " UNION ALL ".join(selects), {**q.hours_params, **q.raw_params}, q.keys, settings
+    )
 
 
 def _utc(t: datetime) -> datetime:

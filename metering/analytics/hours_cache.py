@@ -44,9 +44,11 @@ from billing.rating import PriceBook
 from metering.analytics.facts import (
     Fact,
     edge_facts,
+    fact_queries,
     facts,
     probe_counts,
     probe_counts_in,
+    read_facts,
     tenant_numbers,
 )
 from metering.analytics.window import Window, ceil_hour, floor_hour
@@ -62,7 +64,8 @@ PARTS = (
     " WHERE database = currentDatabase() AND active"
     " AND table IN ('rerank_events', 'uptime_probes')"
 )
-MAX_ENTRIES = 16
+MAX_ENTRIES = 16  # platform figures: one per window of whole hours asked
+MAX_FACT_ENTRIES = 1024  # facts: one per (window of whole hours, filters, grouping, bucket)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,9 +145,59 @@ class HoursCache:
 
     def __init__(self) -> None:
         self._entries: OrderedDict[tuple[Any, ...], WholeHours] = OrderedDict()
+        self._facts: OrderedDict[tuple[Any, ...], tuple[list[Fact], Snapshot]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+
+    def facts(
+        self,
+        run: Runner,
+        window: Window,
+        boundaries: Sequence[datetime],
+        *,
+        filters: dict[str, str],
+        group: Sequence[str] = (),
+        bucket: str | None = "hour",
+    ) -> list[Fact]:
+        """`facts.facts` of the window, its whole hours kept and proved like the
+        platform's (any filters, grouping and bucket: one tenant's usage, say)."""
+        q = fact_queries(window, boundaries, filters=filters, group=group, bucket=bucket)
+
+        def raw(ch: Client) -> list[Fact]:
+            return read_facts(ch, q.raw, q.raw_params, q.keys) if q.raw else []
+
+        if q.hours is None or q.hours_end is None:
+            return list(run([raw])[0])
+        hours_sql, hours_end = q.hours, q.hours_end
+
+        def hours(ch: Client) -> list[Fact]:
+            return read_facts(ch, hours_sql, q.hours_params, q.keys)
+
+        key = (hours_sql, repr(sorted(q.hours_params.items())))
+        with self._lock:
+            cached = self._facts.get(key)
+            if cached is not None:
+                self._facts.move_to_end(key)
+        hour_rows: list[Fact]
+        raw_rows: list[Fact]
+        seen: Snapshot
+        if cached is None:  # the snapshot must be taken before the hours are read
+            seen = run([snapshot])[0]
+            hour_rows, raw_rows = run([hours, raw])
+        else:
+            seen, raw_rows = run([snapshot, raw])
+            if unchanged_before(cached[1], seen, hours_end):
+                self.hits += 1
+                return cached[0] + raw_rows
+            hour_rows = run([hours])[0]
+        self.misses += 1
+        with self._lock:
+            self._facts[key] = (hour_rows, seen)
+            self._facts.move_to_end(key)
+            while len(self._facts) > MAX_FACT_ENTRIES:
+                self._facts.popitem(last=False)
+        return hour_rows + raw_rows
 
     def _get(self, key: tuple[Any, ...]) -> WholeHours | None:
         with self._lock:

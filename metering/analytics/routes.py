@@ -153,12 +153,16 @@ async def get_usage(
     }
     await fresh(state)
     book = state.prices.get()
-
-    return await _read(
-        state,
-        lambda ch: service.usage(
-            ch, book, span, granularity=granularity, group_by=keys, filters=filters
-        ),
+    return await run_in_threadpool(
+        lambda: service.usage(
+            _parallel(state),
+            book,
+            span,
+            granularity=granularity,
+            group_by=keys,
+            filters=filters,
+            hours=state.hours,
+        )
     )
 
 

@@ -16,7 +16,7 @@ from clickhouse_connect.driver.client import Client
 
 from billing.rating import EXACT, PriceBook, Usage, money, rate
 from metering.analytics.facts import Fact, active_accounts, facts, probe_counts
-from metering.analytics.hours_cache import HoursCache, sequential
+from metering.analytics.hours_cache import HoursCache, Runner, sequential
 from metering.analytics.providers import ProviderFigures, provider_figures, rows_sorted
 from metering.analytics.window import Window, floor_day, floor_hour
 
@@ -146,16 +146,31 @@ def bucket_of(t: datetime, granularity: str) -> datetime:
 
 
 def usage(
-    ch: Client,
+    ch: Client | Runner,
     book: PriceBook,
     window: Window,
     *,
     granularity: str,
     group_by: Sequence[str],
     filters: dict[str, str],
+    hours: HoursCache | None = None,
 ) -> dict[str, Any]:
+    """Usage per bucket and group, read with one client (query after query) or a Runner;
+    whole hours from `hours` when given."""
     boundaries = book.boundaries(floor_hour(window.start), window.end)
-    rows = facts(ch, window, boundaries, filters=filters, group=group_by, bucket=granularity)
+    run = sequential(ch) if isinstance(ch, Client) else ch
+    if hours is not None:
+        rows = hours.facts(
+            run, window, boundaries, filters=filters, group=group_by, bucket=granularity
+        )
+    else:
+        rows = run(
+            [
+                lambda c: facts(
+                    c, window, boundaries, filters=filters, group=group_by, bucket=granularity
+                )
+            ]
+        )[0]
     extra = [k for k in group_by if k in ("tenant_id", "project_id")]
     series: dict[tuple[Any, ...], dict[str, Any]] = {}
     ok_usage: list[Usage[tuple[Any, ...]]] = []

@@ -91,6 +91,7 @@ def start_all(
             granularity=granularity,
             group_by=[],
             filters={"tenant_id": tenant} if tenant else {},
+            hours=state.hours,
         ),
         "providers": lambda ch: service.providers(ch, book, window, tenant, datetime.now(UTC)),
         "uptime": lambda ch: (

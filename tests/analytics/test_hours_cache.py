@@ -131,3 +131,65 @@ def test_stats_stay_exact_across_cached_hours(
     services.ch.command(f"ALTER TABLE rerank_events DROP PARTITION {month}")
     left = [e for e in events if not e["timestamp"].startswith(start.strftime("%Y-%m"))]
     check(left, probes)
+
+
+def test_a_tenants_usage_stays_exact_across_cached_hours(
+    client: TestClient, admin_headers: dict[str, str], services: Services
+) -> None:
+    start = HOUR - timedelta(hours=20, minutes=50)
+    events = [
+        event(
+            f"hu{i}",
+            timestamp=_iso(start + timedelta(minutes=53 * i)),
+            tenant_id="acct-u",
+            documents=i + 1,
+        )
+        for i in range(22)
+    ] + [
+        event(f"ho{i}", timestamp=_iso(start + timedelta(minutes=41 * i)), tenant_id="acct-o")
+        for i in range(20)
+    ]
+    _post(client, admin_headers, "/v1/events", "events", events)
+    services.ch.command("SYSTEM STOP MERGES rerank_events")
+
+    def usage() -> dict[str, tuple[int, int]]:
+        r = client.get(
+            "/v1/usage",
+            params={
+                "from": _iso(start),
+                "to": _iso(NOW),
+                "granularity": "hour",
+                "tenant_id": "acct-u",
+            },
+            headers=admin_headers,
+        )
+        assert r.status_code == 200, r.text
+        return {s["bucket"]: (s["requests"], s["documents"]) for s in r.json()["series"]}
+
+    def brute(rows: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        for e in rows:
+            if e["tenant_id"] != "acct-u":
+                continue
+            t = datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00"))
+            bucket = _iso(t.replace(minute=0, second=0, microsecond=0))
+            n, d = out.get(bucket, (0, 0))
+            out[bucket] = (n + 1, d + e["documents"])
+        return out
+
+    cache = services.hours
+    assert usage() == brute(events)
+    hits = cache.hits
+    assert usage() == brute(events)
+    assert cache.hits == hits + 1  # the whole hours came from the cache
+    late = [
+        event(
+            "hu-late",
+            timestamp=_iso(start + timedelta(hours=4, minutes=2)),
+            tenant_id="acct-u",
+            documents=7,
+        )
+    ]
+    _post(client, admin_headers, "/v1/events", "events", late)
+    assert usage() == brute(events + late)  # proved stale, read again
+    assert cache.hits == hits + 1
