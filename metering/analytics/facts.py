@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
+import numpy.typing as npt
 from clickhouse_connect.driver.client import Client
 
 from metering.analytics.window import Window, ceil_day, ceil_hour, floor_day, floor_hour
@@ -288,15 +290,15 @@ def active_accounts(ch: Client, window: Window, settings: dict[str, object] | No
     return int(ch.query(sql, parameters=params, settings=settings or {}).result_rows[0][0])
 
 
-def tenant_numbers(ch: Client, window: Window) -> frozenset[int]:
+def tenant_numbers(ch: Client, window: Window) -> npt.NDArray[np.uint32]:
     """The dense numbers of the tenants with an event in the window (as active_accounts
-    counts them)."""
+    counts them), ascending (sorted here: a small bitmap keeps insertion order)."""
     params: dict[str, object] = {}
     branches = _bitmap_branches(ch, window, params)
     if not branches:
-        return frozenset()
+        return np.array([], np.uint32)
     sql = "SELECT bitmapToArray(groupBitmapOrState(s)) FROM (" + " UNION ALL ".join(branches) + ")"
-    return frozenset(ch.query(sql, parameters=params).result_rows[0][0])
+    return np.sort(np.array(ch.query(sql, parameters=params).result_rows[0][0], np.uint32))
 
 
 def edge_facts(

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from clickhouse_connect.driver.client import Client
 
 from billing.rating import PriceBook
@@ -114,7 +116,7 @@ class WholeHours:
     """The platform's figures of [start, end), both whole hours."""
 
     facts: list[Fact]
-    tenants: frozenset[int]
+    tenants: npt.NDArray[np.uint32]  # sorted: 4 bytes a tenant (210K: 0.8 MB)
     probes: dict[str, tuple[int, int]]
     seen: Snapshot  # taken before they were read
 
@@ -137,6 +139,15 @@ def _add(a: Counts, b: Counts) -> Counts:
         ok0, n0 = out.get(provider, (0, 0))
         out[provider] = (ok0 + ok, n0 + n)
     return out
+
+
+def _not_in(numbers: set[int], sorted_numbers: npt.NDArray[np.uint32]) -> int:
+    """How many of `numbers` are not in `sorted_numbers`."""
+    if not len(sorted_numbers):
+        return len(numbers)
+    probe = np.fromiter(numbers, np.uint32, len(numbers))
+    at = np.minimum(np.searchsorted(sorted_numbers, probe), len(sorted_numbers) - 1)
+    return int(np.count_nonzero(sorted_numbers[at] != probe))
 
 
 class HoursCache:
@@ -254,7 +265,7 @@ class HoursCache:
             cached = WholeHours(hour_facts, tenants, probes, seen)
             self._put(key, cached)
         edge_rows, edge_tenants = edges
-        accounts = len(cached.tenants) + len(edge_tenants.difference(cached.tenants))
+        accounts = len(cached.tenants) + _not_in(edge_tenants, cached.tenants)
         return Platform(cached.facts + edge_rows, accounts, _add(cached.probes, edge_probes))
 
 
