@@ -178,7 +178,7 @@ def test_tenant_pages_read_by_hours_equal_brute_force(api: TestClient) -> None:
     post(api, [late])
     seen = [e["event_id"] for e in first["requests"]]
     seen += walk(api, limit=5, tenant_id="acct-t", cursor=first["next_cursor"], **window)
-    assert seen == newest_first(inside + [late])
+    assert seen == newest_first([*inside, late])
 
 
 def test_event_as_stored(api: TestClient) -> None:
