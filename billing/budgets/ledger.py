@@ -23,13 +23,14 @@ scopes' usage from ClickHouse (everything up to S, nothing after), and hands it 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Protocol
 
-from billing.budgets.forecast import month_start, period_of
+from billing.budgets.forecast import month_start, next_month_start, period_of
 from billing.rating import EXACT, METERS, PriceBook, PriceEntry, meter_amount
 
 Scope = tuple[str, str | None]  # (tenant_id, project_id or None for the whole tenant)
@@ -37,6 +38,9 @@ Scope = tuple[str, str | None]  # (tenant_id, project_id or None for the whole t
 PriceKey = str | tuple[str, str, str]
 Quantities = list[int]  # [input_tokens, output_tokens, doc_query_pairs]
 UsageMap = dict[tuple[Scope, str], dict[PriceKey, Quantities]]
+# Background loops (a resync, the alert worker) sleep this long every PAUSE_EVERY items.
+PAUSE_SECONDS = 0.0002
+PAUSE_EVERY = 128
 
 
 class BillableEvent(Protocol):
@@ -111,21 +115,37 @@ class _Resync:
     seq: int
     scopes: set[Scope]
     full: bool  # every tracked scope: the ledger is ready once one such resync ends
+    generation: int  # the budgets' generation at the start
     # Usage of batches admitted after the cut, in arrival order (merged outside the lock).
     after: list[UsageMap] = field(default_factory=list)
 
 
-def _merge(into: UsageMap, add: Mapping[tuple[Scope, str], Mapping[PriceKey, Quantities]]) -> None:
+def _merge_new(
+    into: UsageMap, add: Mapping[tuple[Scope, str], Mapping[PriceKey, Quantities]]
+) -> None:
+    """Add `add` into `into` without changing any of its inner dicts or lists (each
+    touched entry is replaced by a new one). The live map is changed only so: a resync
+    can then compare a shallow copy of it (`dict(...)`, one C call) outside the lock,
+    and what the copy holds stays as it was. A resync's own map is built so too: the
+    entries it puts in the live map are the exact map's, never changed afterwards."""
     for key, by_price in add.items():
-        target = into.setdefault(key, {})
+        before = into.get(key)
+        target = dict(before) if before else {}
         for price_key, q in by_price.items():
             sums = target.get(price_key)
-            if sums is None:
-                target[price_key] = list(q)
-            else:
-                sums[0] += q[0]
-                sums[1] += q[1]
-                sums[2] += q[2]
+            target[price_key] = (
+                list(q) if sums is None else [sums[0] + q[0], sums[1] + q[1], sums[2] + q[2]]
+            )
+        into[key] = target
+
+
+def pause(count: int = -1, every: int = PAUSE_EVERY) -> None:
+    """In a long loop of a background thread, hand the GIL over now and then (every
+    `every` counts; at once without one): a thread running Python code keeps it up to the
+    switch interval (5 ms) while the event loop waits for it once per turn, so
+    `POST /v1/authorize` would wait too."""
+    if count % every == every - 1:
+        time.sleep(PAUSE_SECONDS)
 
 
 class SpendLedger:
@@ -143,6 +163,7 @@ class SpendLedger:
         self._latest: dict[tuple[str, str], PriceEntry] = {}
         self._resync: _Resync | None = None
         self._changed: set[Scope] = set()
+        self._generation = 0  # counts changes of the budgets (a resync checks it)
         self.ready = False  # built from ClickHouse at least once
         self.on_change: Callable[[], None] | None = None  # wakes the alert worker
 
@@ -150,15 +171,25 @@ class SpendLedger:
 
     def set_limits(self, limits: Iterable[Limit]) -> set[Scope]:
         """Replace the budgets; returns the scopes that were not tracked before (their
-        spend must be read from ClickHouse: `begin_resync(scopes)`)."""
+        spend must be read from ClickHouse: `begin_resync(scopes)`). The new maps are
+        built before the lock is taken (the minute's reload passes every budget)."""
+        new = {limit.id: limit for limit in limits}
+        current = self._limits
+        if new == current:
+            return set()
+        after = {limit.scope for limit in new.values()}
+        before = {limit.scope for limit in current.values()}
+        by_tenant = _by_tenant(new.values())
         with self._lock:
-            before = self._tracked()
-            self._limits = {limit.id: limit for limit in limits}
-            self._index()
-            after = self._tracked()
-            for key in [k for k in self._usage if k[0] not in after]:
-                del self._usage[key]
-                self._spend.pop(key, None)
+            if self._limits is not current:  # changed meanwhile (an edit): look again
+                before = self._tracked()
+            self._limits = new
+            self._by_tenant = by_tenant
+            self._generation += 1
+            if before - after:
+                for key in [k for k in self._usage if k[0] not in after]:
+                    del self._usage[key]
+                    self._spend.pop(key, None)
             return after - before
 
     def put_limit(self, limit: Limit) -> bool:
@@ -177,10 +208,8 @@ class SpendLedger:
             self._index()
 
     def _index(self) -> None:
-        by_tenant: dict[str, list[Limit]] = {}
-        for limit in self._limits.values():
-            by_tenant.setdefault(limit.tenant_id, []).append(limit)
-        self._by_tenant = by_tenant
+        self._by_tenant = _by_tenant(self._limits.values())
+        self._generation += 1
 
     def _tracked(self) -> set[Scope]:
         return {limit.scope for limit in self._limits.values()}
@@ -213,6 +242,9 @@ class SpendLedger:
         must then be resynced: an entry may apply to usage already counted)."""
         entries = {e.id: e for e in book.entries}
         with self._lock:
+            if entries == self._entries:
+                self._book = book  # the same prices: the rated spend stays valid
+                return False
             changed = entries.keys() != self._entries.keys()
             self._book = book
             self._entries = entries
@@ -240,6 +272,8 @@ class SpendLedger:
             return None
         now = self.now()
         current = month_start(now)
+        following = next_month_start(now)
+        this_period = period_of(now)
         out: UsageMap = {}
         latest = self._latest
         book = self._book
@@ -250,7 +284,7 @@ class SpendLedger:
             ts = e.timestamp
             if ts < current:
                 continue  # a late event of a past period: no budget counts it any more
-            period = period_of(ts)
+            period = this_period if ts < following else period_of(ts)
             entry = latest.get((e.provider, e.model))
             if entry is None or ts < entry.effective_from:
                 entry = book.price_at(e.provider, e.model, ts)
@@ -273,7 +307,7 @@ class SpendLedger:
     def durable(self, seq: int, usage: UsageMap) -> None:
         """The batch `seq` is on disk (its 202 may leave now): count its usage."""
         with self._lock:
-            _merge(self._usage, usage)
+            _merge_new(self._usage, usage)
             resync = self._resync
             if resync is not None and seq > resync.seq:
                 resync.after.append(usage)
@@ -294,7 +328,7 @@ class SpendLedger:
         with self._lock:
             full = scopes is None
             chosen = self._tracked() if scopes is None else set(scopes)
-            self._resync = _Resync(seq, chosen, full)
+            self._resync = _Resync(seq, chosen, full, self._generation)
             return set(chosen)
 
     def abort_resync(self) -> None:
@@ -306,48 +340,66 @@ class SpendLedger:
         was admitted after the cut. Returns each scope's drift in the current period
         (ledger before minus exact after), for the reconciliation's report.
 
-        The new maps are built and the drift rated outside the lock (thousands of scopes
-        take a while); the lock is held only to take the batches that arrived meanwhile
-        and to swap the maps in, so authorize never waits behind a reconciliation."""
+        The lock is held only for C-speed steps: to copy the live map (shallow: `durable`
+        never changes an entry it placed, see `_merge_new`) with the count of batches
+        admitted after the cut, and at the end to add the few batches since and put the
+        changed entries in. Building the exact map and comparing it with the copy (which
+        entries differ, the drift) run outside it, pausing now and then for the GIL, so
+        neither authorize nor the event loop waits behind a reconciliation."""
         with self._lock:
             resync = self._resync
             assert resync is not None, "finish_resync without begin_resync"
             taken = len(resync.after)
+            live = dict(self._usage)
         scopes = resync.scopes
         fresh: UsageMap = {}
-
-        def add(usage: UsageMap) -> None:
-            _merge(fresh, {k: v for k, v in usage.items() if k[0] in scopes})
-
-        add(base)
+        for n, (key, by_price) in enumerate(base.items()):
+            if key[0] in scopes:
+                fresh[key] = by_price  # the caller's: the ledger's from here on
+            pause(n)
         for usage in resync.after[:taken]:
-            add(usage)
+            _merge_new(fresh, {k: v for k, v in usage.items() if k[0] in scopes})
+        # Entries of the resynced scopes that differ between the ledger (as copied) and
+        # the exact map: the same batches are in both, so they differ only by drift.
+        differs: set[tuple[Scope, str]] = set()
+        for n, key in enumerate(live.keys() | fresh.keys()):
+            if key[0] in scopes and live.get(key) != fresh.get(key):
+                differs.add(key)
+            pause(n)
+        entries = self._entries
+        period = period_of(self.now())
+        drift = {s: Decimal(0) for s in scopes}
+        for scope, key_period in differs:
+            if key_period == period:
+                drift[scope] = EXACT.subtract(
+                    _rated(live.get((scope, period), {}), entries)[0],
+                    _rated(fresh.get((scope, period), {}), entries)[0],
+                )
         with self._lock:
             for usage in resync.after[taken:]:
-                add(usage)
+                mine = {k: v for k, v in usage.items() if k[0] in scopes}
+                _merge_new(fresh, mine)
+                differs.update(mine)  # their cached spend went with `durable` already
             self._resync = None
-            old = {k: v for k, v in self._usage.items() if k[0] in scopes}
-            for key in old:
-                del self._usage[key]
-            self._usage.update(fresh)
-            differs = {k[0] for k in old.keys() | fresh.keys() if old.get(k) != fresh.get(k)}
-            for key in [k for k in self._spend if k[0] in differs]:
-                del self._spend[key]
+            tracked = self._tracked() if self._generation != resync.generation else None
+            # Only the entries that differ are replaced (or dropped: none in ClickHouse):
+            # the others hold equal values, and keeping them leaves a map's worth of
+            # objects to free outside the lock.
+            for key in differs:
+                if key in fresh and (tracked is None or key[0] in tracked):
+                    self._usage[key] = fresh.pop(key)
+                else:
+                    self._usage.pop(key, None)
+                self._spend.pop(key, None)
             # Thresholds are checked again where spend changed (everywhere at the first
             # build): an exact reconciliation that found no drift costs no re-check.
-            self._changed |= scopes if not self.ready else differs
-            entries = self._entries
+            self._changed |= scopes if not self.ready else {key[0] for key in differs}
             if resync.full:
                 self.ready = True
         self._notify()
-        period = period_of(self.now())
-        return {
-            s: EXACT.subtract(
-                _rated(old.get((s, period), {}), entries)[0],
-                _rated(fresh.get((s, period), {}), entries)[0],
-            )
-            for s in scopes
-        }
+        del live
+        _release(fresh)
+        return drift
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -402,6 +454,21 @@ class SpendLedger:
                 del self._spend[key]
 
 
+def _release(usage: UsageMap) -> None:
+    """Empty a big map a slice at a time: freed at once, its objects' deallocation is one
+    C call holding the GIL for tens of ms."""
+    for n in range(len(usage)):
+        usage.popitem()
+        pause(n)
+
+
+def _by_tenant(limits: Iterable[Limit]) -> dict[str, list[Limit]]:
+    by_tenant: dict[str, list[Limit]] = {}
+    for limit in limits:
+        by_tenant.setdefault(limit.tenant_id, []).append(limit)
+    return by_tenant
+
+
 def _rated(
     usage: Mapping[PriceKey, Quantities], entries: Mapping[str, PriceEntry]
 ) -> tuple[Decimal, bool]:
@@ -417,13 +484,3 @@ def _rated(
             if quantity:
                 total = EXACT.add(total, meter_amount(quantity, entry.unit_price(meter), meter))
     return total, unpriced
-
-
-def as_usage_map(rows: Iterable[tuple[Scope, str, PriceKey, int, int, int]]) -> UsageMap:
-    out: UsageMap = {}
-    for scope, period, price_key, i, o, p in rows:
-        sums = out.setdefault((scope, period), {}).setdefault(price_key, [0, 0, 0])
-        sums[0] += i
-        sums[1] += o
-        sums[2] += p
-    return out

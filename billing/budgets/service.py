@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from billing.alerts.outbox import enqueue
 from billing.budgets.forecast import period_of
-from billing.budgets.ledger import Limit
+from billing.budgets.ledger import Limit, pause
 from billing.budgets.models import BudgetAlertRow, BudgetRow
 from billing.rating import money
 
@@ -88,6 +88,31 @@ def live(session: Session, tenant_id: str | None = None) -> list[BudgetRow]:
     if tenant_id is not None:
         query = query.where(BudgetRow.tenant_id == tenant_id)
     return list(session.scalars(query.order_by(BudgetRow.created_at, BudgetRow.id)))
+
+
+def live_versions(session: Session) -> dict[str, datetime]:
+    """Each live budget's `updated_at` (every edit and the end set it): the minute's
+    reload reads whole rows only of budgets that are new or changed since."""
+    query = (
+        select(BudgetRow.id, BudgetRow.updated_at)
+        .where(BudgetRow.deleted_at.is_(None))
+        .order_by(BudgetRow.created_at, BudgetRow.id)
+    )
+    versions: dict[str, datetime] = {}
+    for part in session.execute(query).partitions(500):
+        versions.update(part)
+        pause()
+    return versions
+
+
+def live_by_ids(session: Session, ids: Sequence[str]) -> list[BudgetRow]:
+    """The live budgets among `ids` (read in chunks of 500: a bound parameter each)."""
+    rows: list[BudgetRow] = []
+    for start in range(0, len(ids), 500):
+        chunk = list(ids[start : start + 500])
+        query = select(BudgetRow).where(BudgetRow.id.in_(chunk), BudgetRow.deleted_at.is_(None))
+        rows.extend(session.scalars(query))
+    return rows
 
 
 def update(
@@ -152,6 +177,69 @@ def fire(
 ) -> BudgetAlertRow | None:
     """Record one firing and its deliveries, committed; None if it had fired already
     (here or in another process)."""
+    try:
+        alert = _record(
+            session, row, kind=kind, threshold=threshold, spend=spend, forecast=forecast, at=at
+        )
+        if alert is not None:
+            session.commit()
+    except IntegrityError:
+        session.rollback()
+        return None
+    return alert
+
+
+@dataclass(frozen=True)
+class Firing:
+    budget_id: str
+    kind: str
+    threshold: Decimal | None
+    spend: Decimal
+    forecast: Decimal | None
+    at: datetime
+
+
+def fire_many(session: Session, firings: Sequence[Firing]) -> list[BudgetAlertRow | None] | None:
+    """`fire` for several budgets in one transaction (the alert worker's crossings of one
+    tick): per firing the alert, None if it had fired already or the budget is gone.
+    None as a whole if another process fired one of them meanwhile (a unique row
+    refused): nothing is recorded then, and the caller fires them one at a time."""
+    out: list[BudgetAlertRow | None] = []
+    try:
+        for f in firings:
+            row = get(session, f.budget_id)
+            out.append(
+                None
+                if row is None
+                else _record(
+                    session,
+                    row,
+                    kind=f.kind,
+                    threshold=f.threshold,
+                    spend=f.spend,
+                    forecast=f.forecast,
+                    at=f.at,
+                )
+            )
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        return None
+    return out
+
+
+def _record(
+    session: Session,
+    row: BudgetRow,
+    *,
+    kind: str,
+    threshold: Decimal | None,
+    spend: Decimal,
+    forecast: Decimal | None,
+    at: datetime,
+) -> BudgetAlertRow | None:
+    """Add one firing and its deliveries to the session (flushed, not committed); None
+    if it had fired already. Raises IntegrityError if another process just fired it."""
     period = period_of(at)
     t = threshold_text(threshold) if threshold is not None else ""
     earlier = list(
@@ -194,13 +282,8 @@ def fire(
     }
     if forecast is not None:
         payload["forecast_usd"] = money(forecast)
-    try:
-        session.flush()
-        enqueue(session, alert, list(row.channels), payload)
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        return None
+    session.flush()
+    enqueue(session, alert, list(row.channels), payload)
     return alert
 
 

@@ -37,7 +37,7 @@ from billing.budgets.forecast import (
     next_month_start,
     period_of,
 )
-from billing.budgets.ledger import Limit, Scope, SpendLedger, UsageMap
+from billing.budgets.ledger import Limit, Scope, SpendLedger, UsageMap, pause
 from billing.prices.book import PriceBookCache
 from billing.rating import EXACT, money
 from metering import metrics
@@ -52,7 +52,9 @@ ROUNDING = decimal.Context(prec=80, rounding=decimal.ROUND_HALF_EVEN)
 RESYNC_TIMEOUT = 30.0  # seconds to wait for the writer to reach the cut
 CLOCK_STEP = 0.003  # seconds: more than one tick of DateTime64(3)
 PROFILE_TTL = timedelta(hours=1)
-TICK = 0.1  # seconds between the alert worker's checks at most (a crossing fires within it)
+TICK = 0.1  # seconds: the shortest gap between the alert worker's checks
+WORK_SHARE = 0.1  # ... unless its last check took longer than this share of the gap
+MAX_GAP = 1.0  # seconds: the longest gap between two checks when spend changes
 BOOK_POLL = 2.0  # seconds between price book checks (another replica's new entry)
 
 
@@ -106,6 +108,7 @@ class BudgetRuntime:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._book_checked = 0.0
+        self._versions: dict[str, datetime] = {}  # budget id -> updated_at as last loaded
         self.started = False
 
     # -- admission hook (the events pipeline calls these) ----------------------------------
@@ -123,9 +126,8 @@ class BudgetRuntime:
         Called once the events pipeline has replayed its spool; raises (and may be
         called again) while a store is unreachable."""
         self._ch, self.prices, self.cut = ch, prices, cut
-        with self.sessions() as session:
-            rows = service.live(session)
-        self.ledger.set_limits(service.to_limit(r) for r in rows)
+        self._versions = {}
+        self._reload_limits()
         self.ledger.set_book(prices.get())
         self.resync()
         self._load_fired()
@@ -187,9 +189,7 @@ class BudgetRuntime:
     def reconcile(self) -> dict[str, Any]:
         """The minute's job: pick up budgets edited elsewhere, resync everything, report
         the drift, fire forecast alerts."""
-        with self.sessions() as session:
-            rows = service.live(session)
-        self.ledger.set_limits(service.to_limit(r) for r in rows)
+        self._reload_limits()
         if self.prices is not None:
             self.ledger.set_book(self.prices.get())
         drift = self.resync()
@@ -202,26 +202,59 @@ class BudgetRuntime:
         forecasts = self._fire_forecasts()
         return {"scopes": len(drift), "drifted": drifted, "drift_usd": money(total), **forecasts}
 
+    def _reload_limits(self) -> None:
+        """The live budgets into the ledger: every row read only when most changed (at
+        start); else their versions, and whole rows of the new or edited ones (another
+        replica's edits reach this one's ledger here)."""
+        current = {limit.id: limit for limit in self.ledger.limits()}
+        with self.sessions() as session:
+            versions = service.live_versions(session)
+            changed = [
+                budget_id
+                for budget_id, updated in versions.items()
+                if budget_id not in current or self._versions.get(budget_id) != updated
+            ]
+            if len(changed) > len(versions) // 2:
+                rows = service.live(session)
+            else:
+                rows = service.live_by_ids(session, changed)
+        fresh = set(changed)
+        limits = {i: current[i] for i in versions if i in current and i not in fresh}
+        loaded = {i: self._versions[i] for i in limits}
+        for n, row in enumerate(rows):
+            limits[row.id] = service.to_limit(row)
+            loaded[row.id] = row.updated_at
+            pause(n)
+        self._versions = loaded
+        # In the rows' order (created_at, id): authorize lists a tenant's budgets so.
+        self.ledger.set_limits(limits[i] for i in versions if i in limits)
+
     # -- the worker -------------------------------------------------------------------------
 
     def _run(self) -> None:
         last = 0.0
+        gap = TICK
         while not self._stop.is_set():
             self._wake.wait(1.0)
             # Coalesce: under ingest every batch wakes the worker; checking at most every
-            # TICK seconds rates each changed scope once per tick, not once per batch.
-            early = TICK - (time.monotonic() - last)
+            # `gap` seconds rates each changed scope once per tick, not once per batch.
+            # The gap is TICK, or WORK_SHARE's inverse times the last tick's CPU when that
+            # is longer (at most MAX_GAP): with thousands of budgets changing under
+            # ingest, the checks keep to a tenth of a core and of the GIL.
+            early = gap - (time.monotonic() - last)
             if early > 0 and self._stop.wait(early):
                 return
             self._wake.clear()
             if self._stop.is_set():
                 return
             last = time.monotonic()
+            began = time.thread_time()
             try:
                 self._tick()
             except Exception:
                 log.exception("budget worker")
                 self._stop.wait(1.0)
+            gap = min(MAX_GAP, max(TICK, (time.thread_time() - began) / WORK_SHARE))
 
     def _tick(self) -> None:
         if period_of(self.now()) != self._fired_period:
@@ -247,19 +280,47 @@ class BudgetRuntime:
         self._fired_period = period
 
     def _fire_thresholds(self, scopes: set[Scope]) -> None:
-        fired_any = False
-        for limit in self.ledger.limits_of(scopes):
+        due: list[tuple[Limit, Decimal, tuple[str, str, str], Decimal]] = []
+        for n, limit in enumerate(self.ledger.limits_of(scopes)):
+            pause(n)
+            armed = [
+                (threshold, key)
+                for threshold in limit.thresholds
+                if (key := (limit.id, "threshold", _threshold_text(threshold))) not in self._fired
+            ]
+            if not armed:
+                continue  # every threshold fired this period: no need to rate the spend
             spend, _ = self.ledger.spend(limit.scope)
-            for threshold in limit.thresholds:
-                key = (limit.id, "threshold", service.threshold_text(threshold))
-                if key in self._fired or spend < EXACT.multiply(threshold, limit.amount):
-                    continue
+            for threshold, key in armed:
+                if spend >= EXACT.multiply(threshold, limit.amount):
+                    due.append((limit, threshold, key, spend))
+        if due and self._fire_due(due):
+            self.deliverer.wake()
+
+    def _fire_due(self, due: list[tuple[Limit, Decimal, tuple[str, str, str], Decimal]]) -> bool:
+        """Fire the crossings of one tick in one transaction (one at a time if another
+        process fired one of them meanwhile); True if any fired now."""
+        firings = [
+            service.Firing(limit.id, "threshold", threshold, spend, None, self.now())
+            for limit, threshold, _, spend in due
+        ]
+        with self.sessions() as session:
+            alerts = service.fire_many(session, firings)
+        fired_any = False
+        if alerts is None:
+            for limit, threshold, key, spend in due:
                 outcome = self._fire(limit, "threshold", threshold, spend, None)
                 if outcome is not None:  # fired now, or had fired before
                     self._fired.add(key)
                     fired_any |= outcome
-        if fired_any:
-            self.deliverer.wake()
+            return fired_any
+        for (limit, _, key, spend), alert in zip(due, alerts, strict=True):
+            self._fired.add(key)  # fired now, had fired before, or the budget is gone
+            if alert is not None:
+                metrics.BUDGET_ALERTS.labels("threshold").inc()
+                log.info("budget %s: threshold alert fired (spend %s)", limit.id, spend)
+                fired_any = True
+        return fired_any
 
     def _fire(
         self,
@@ -300,8 +361,9 @@ class BudgetRuntime:
         series = hourly_spend(
             self._ch, self.ledger.book, stale, hour - timedelta(days=HISTORY_DAYS), hour
         )
-        for scope in stale:
+        for n, scope in enumerate(stale):
             self._profiles[scope] = (now + PROFILE_TTL, build_profile(series[scope], now))
+            pause(n, 16)
 
     def forecast(self, limit: Limit) -> Decimal:
         """Month-end spend of the budget's scope: spend so far (the ledger) plus the
@@ -326,7 +388,8 @@ class BudgetRuntime:
         limits = self.ledger.limits()
         self._refresh_profiles({limit.scope for limit in limits})
         fired = 0
-        for limit in limits:
+        for n, limit in enumerate(limits):
+            pause(n)
             key = (limit.id, "forecast", "")
             if key in self._fired:
                 continue
@@ -370,6 +433,18 @@ class BudgetRuntime:
 
     def budget_ended(self, budget_id: str) -> None:
         self.ledger.drop_limit(budget_id)
+
+
+_TEXTS: dict[Decimal, str] = {}
+
+
+def _threshold_text(threshold: Decimal) -> str:
+    """`service.threshold_text`, remembered (the worker asks for each threshold of each
+    changed budget every tick)."""
+    text = _TEXTS.get(threshold)
+    if text is None:
+        text = _TEXTS[threshold] = service.threshold_text(threshold)
+    return text
 
 
 def _count_delivery(channel: str, outcome: str) -> None:

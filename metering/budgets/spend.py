@@ -9,19 +9,21 @@ one entry of the book, in Python, by `billing.rating`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 
 from clickhouse_connect.driver.client import Client
 
 from billing.budgets.forecast import period_of
-from billing.budgets.ledger import PriceKey, Scope, UsageMap, as_usage_map
+from billing.budgets.ledger import PAUSE_SECONDS, PriceKey, Scope, UsageMap, pause
 from billing.rating import EXACT, METERS, PriceBook, meter_amount
 from metering.analytics.facts import ms
 
 _T64 = "DateTime64(3, 'UTC')"
 FAR_FUTURE = datetime(2299, 12, 31, tzinfo=UTC)
+TENANTS_PER_QUERY = 2_000
 
 
 def clickhouse_now(ch: Client) -> datetime:
@@ -41,11 +43,15 @@ def _rows(
     until: datetime,
     hourly: bool,
     stored_until: datetime | None = None,
-) -> list[tuple[str, str, str, str, datetime, int, int, int]]:
+) -> Iterator[tuple[str, str, str, str, datetime, int, int, int]]:
     """(tenant, project, provider, model, span start, input, output, pairs) of billable
-    events in [since, until); spans are cut at price boundaries, months (and hours)."""
+    events in [since, until); spans are cut at price boundaries, months (and hours).
+
+    One query per TENANTS_PER_QUERY tenants, read as it goes: a result of every budgeted
+    tenant at once (tens of thousands of rows) is parsed, and later freed, in single C
+    calls that hold the GIL for tens of ms, and the event loop would wait for them."""
     if not tenants:
-        return []
+        return
     bounds = [since, *book.boundaries(since, FAR_FUTURE)]
     cut = "toStartOfHour(timestamp)" if hourly else "toStartOfMonth(timestamp)"
     sql = (
@@ -68,10 +74,18 @@ def _rows(
     }
     if stored_until is not None:
         params["stored_until"] = ms(stored_until)
-    return [
-        (r[0], r[1], r[2], r[3], _utc(r[4]), int(r[5]), int(r[6]), int(r[7]))
-        for r in ch.query(sql, parameters=params).result_rows
-    ]
+    for start in range(0, len(tenants), TENANTS_PER_QUERY):
+        params["tenants"] = tenants[start : start + TENANTS_PER_QUERY]
+        result = ch.query(sql, parameters=params).result_rows
+        spans: dict[datetime, datetime] = {}  # few distinct values: convert each once
+        for n, r in enumerate(result):
+            span = spans.get(r[4])
+            if span is None:
+                span = spans[r[4]] = _utc(r[4])
+            yield (r[0], r[1], r[2], r[3], span, int(r[5]), int(r[6]), int(r[7]))
+            pause(n)
+        del result
+        time.sleep(PAUSE_SECONDS)
 
 
 def _scopes_of(scopes: Iterable[Scope]) -> dict[str, list[Scope]]:
@@ -91,17 +105,26 @@ def scope_usage(
     """Billable quantities per (scope, period) and price entry, from `since` on, of the
     rows ClickHouse stored up to `stored_until` (its own clock: `ingested_at`)."""
     by_tenant = _scopes_of(scopes)
-    out = []
-    for tenant, project, provider, model, span, i, o, p in _rows(
+    out: UsageMap = {}
+    rows = _rows(
         ch, book, sorted(by_tenant), since, FAR_FUTURE, hourly=False, stored_until=stored_until
-    ):
-        entry = book.price_at(provider, model, span)
-        key: PriceKey = entry.id if entry is not None else ("unpriced", provider, model)
-        period = period_of(span)
+    )
+    # (provider, model, span) -> (price key, period): a handful of values for all rows
+    priced: dict[tuple[str, str, datetime], tuple[PriceKey, str]] = {}
+    for tenant, project, provider, model, span, i, o, p in rows:
+        found = priced.get((provider, model, span))
+        if found is None:
+            entry = book.price_at(provider, model, span)
+            price_key: PriceKey = entry.id if entry is not None else ("unpriced", provider, model)
+            found = priced[(provider, model, span)] = (price_key, period_of(span))
+        key, period = found
         for scope in by_tenant[tenant]:
             if scope[1] is None or scope[1] == project:
-                out.append((scope, period, key, i, o, p))
-    return as_usage_map(out)
+                sums = out.setdefault((scope, period), {}).setdefault(key, [0, 0, 0])
+                sums[0] += i
+                sums[1] += o
+                sums[2] += p
+    return out
 
 
 def hourly_spend(
@@ -110,9 +133,8 @@ def hourly_spend(
     """Spend per UTC hour of each scope in [since, until) (for the forecast)."""
     by_tenant = _scopes_of(scopes)
     out: dict[Scope, dict[datetime, Decimal]] = {s: {} for s in scopes}
-    for tenant, project, provider, model, span, i, o, p in _rows(
-        ch, book, sorted(by_tenant), since, until, hourly=True
-    ):
+    rows = _rows(ch, book, sorted(by_tenant), since, until, hourly=True)
+    for tenant, project, provider, model, span, i, o, p in rows:
         entry = book.price_at(provider, model, span)
         if entry is None:
             continue  # unpriced usage has no spend to forecast
