@@ -10,7 +10,7 @@ covers each span (`billing.rating.PriceBook.boundaries`). Values are bound as pa
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -45,6 +45,14 @@ TENANT_CHUNK = 20_000  # tenants per query when a set of tenants is read
 UsageByTenant = dict[str, list[Usage[str]]]
 
 
+def _chunks(tenants: Iterable[str] | None) -> list[list[str] | None]:
+    """The tenants in sorted chunks of TENANT_CHUNK (one query each); [None]: all."""
+    if tenants is None:
+        return [None]
+    ordered = sorted(tenants)
+    return [ordered[i : i + TENANT_CHUNK] for i in range(0, len(ordered), TENANT_CHUNK)]
+
+
 def _utc(t: datetime) -> datetime:
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
@@ -63,12 +71,7 @@ def usage(
     if boundaries:
         params["bounds"] = [ms(start)] + [ms(b) for b in boundaries]
     out: UsageByTenant = defaultdict(list)
-    if tenants is None:
-        chunks: list[list[str] | None] = [None]
-    else:
-        ordered = sorted(tenants)
-        chunks = [ordered[i : i + TENANT_CHUNK] for i in range(0, len(ordered), TENANT_CHUNK)]
-    for chunk in chunks:
+    for chunk in _chunks(tenants):
         query = sql.replace("{tenants}", "" if chunk is None else _TENANTS)
         if chunk is not None:
             params["tenants"] = chunk
@@ -131,12 +134,7 @@ def billable_rows(
             )
     span = f"greatest({{start:{_T64}}}, {', '.join(cuts)})" if cuts else f"{{start:{_T64}}}"
     sql = _ROWS.replace("{span}", span)
-    if tenants is None:
-        chunks: list[list[str] | None] = [None]
-    else:
-        ordered = sorted(tenants)
-        chunks = [ordered[i : i + TENANT_CHUNK] for i in range(0, len(ordered), TENANT_CHUNK)]
-    for chunk in chunks:
+    for chunk in _chunks(tenants):
         query = sql.replace("{tenants}", "" if chunk is None else _TENANTS)
         if chunk is not None:
             params["tenants"] = chunk
