@@ -18,14 +18,18 @@ The proof, exact on any replica, because it asks ClickHouse, not this process:
 - The cached figures were read after a snapshot of the active parts was taken, so they
   hold at least the rows of those parts (rows stored after the snapshot may be in them
   too).
-- At a later read, if every active part is either in that snapshot or made only of
-  blocks above the snapshot's highest (new rows only) with its minimum timestamp at or
-  after the end of the whole hours, and every part of the snapshot is still there or
-  inside a part that is (nothing dropped), then the rows before that end are exactly
-  those of the snapshot: the cached figures are current. Otherwise (late rows in those
-  hours, a merge or a mutation of old parts, a dropped partition) they are read again.
-Under steady ingest the test passes until a merge takes in a part of the snapshot; then
-one read pays for the whole hours again. Per-tenant figures are read directly (they
+- At a later read, if every active part is in that snapshot, or made only of blocks
+  above the snapshot's highest (new rows only) with its minimum timestamp at or after
+  the end of the whole hours, or a merge of parts of the snapshot (their block ranges
+  tile its own with no gap, and neither it nor they were rewritten by a mutation: their
+  data_version is still their first block), and every part of the snapshot is still
+  there or inside a part that is (nothing dropped), then the rows before that end are
+  exactly those of the snapshot: the cached figures are current. Otherwise (late rows
+  in those hours, a mutation, an insert that committed after the snapshot with an older
+  block number, a dropped partition) they are read again.
+- A proved read makes its own snapshot the baseline, so parts written since are known
+  when a merge later takes them in: under steady ingest, the whole hours are read again
+  only when rows land in them (or a merge takes in a part no read has seen). Per-tenant figures are read directly (they
 come from `p_tenant_hourly` in one query and need no set of tenants).
 """
 
@@ -34,7 +38,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -62,7 +66,7 @@ Runner = Callable[[Sequence[Callable[[Client], Any]]], list[Any]]
 TABLES = ("rerank_events", "uptime_probes")
 PARTS = (
     "SELECT table, partition_id, name, min_block_number, max_block_number,"
-    " toUnixTimestamp(min_time) FROM system.parts"
+    " toUnixTimestamp(min_time), data_version FROM system.parts"
     " WHERE database = currentDatabase() AND active"
     " AND table IN ('rerank_events', 'uptime_probes')"
 )
@@ -76,6 +80,11 @@ class Part:
     min_block: int
     max_block: int
     min_time: int  # Unix seconds, rounded down (ClickHouse's min_time of the part)
+    data_version: int = 0  # min_block until a mutation rewrites the part
+
+    @property
+    def unmutated(self) -> bool:
+        return self.data_version == self.min_block
 
 
 Snapshot = dict[str, dict[str, Part]]  # table -> part name -> part
@@ -83,9 +92,31 @@ Snapshot = dict[str, dict[str, Part]]  # table -> part name -> part
 
 def snapshot(ch: Client) -> Snapshot:
     out: Snapshot = {table: {} for table in TABLES}
-    for table, partition, name, lo, hi, min_time in ch.query(PARTS).result_rows:
-        out[table][name] = Part(partition, int(lo), int(hi), int(min_time))
+    for table, partition, name, lo, hi, min_time, version in ch.query(PARTS).result_rows:
+        out[table][name] = Part(partition, int(lo), int(hi), int(min_time), int(version))
     return out
+
+
+def _merge_of_known(before: dict[str, Part], part: Part) -> bool:
+    """`part` holds exactly the rows of parts in `before`: a merge (no mutation on either
+    side) of parts whose block ranges tile its own with no gap. A block in the range that
+    no known part held (an insert that committed after `before` was taken) leaves a gap."""
+    if not part.unmutated:
+        return False
+    inside = sorted(
+        (p for p in before.values()
+         if p.partition == part.partition
+         and part.min_block <= p.min_block and p.max_block <= part.max_block),
+        key=lambda p: p.min_block,
+    )  # fmt: skip
+    if not inside or not all(p.unmutated for p in inside):
+        return False
+    expected = part.min_block
+    for p in inside:
+        if p.min_block != expected:
+            return False
+        expected = p.max_block + 1
+    return expected == part.max_block + 1
 
 
 def unchanged_before(old: Snapshot, new: Snapshot, end: datetime) -> bool:
@@ -98,8 +129,11 @@ def unchanged_before(old: Snapshot, new: Snapshot, end: datetime) -> bool:
         for name, part in now.items():
             if name in before:
                 continue
-            if part.min_block <= top or part.min_time < end_s:
-                return False
+            if part.min_block > top and part.min_time >= end_s:
+                continue  # new rows only, all at or after `end`
+            if _merge_of_known(before, part):
+                continue  # the same rows, merged
+            return False
         for name, part in before.items():
             if name not in now and not any(
                 q.partition == part.partition
@@ -200,6 +234,9 @@ class HoursCache:
             seen, raw_rows = run([snapshot, raw])
             if unchanged_before(cached[1], seen, hours_end):
                 self.hits += 1
+                with self._lock:  # proved against `seen`: the newer baseline
+                    if key in self._facts:
+                        self._facts[key] = (cached[0], seen)
                 return cached[0] + raw_rows
             hour_rows = run([hours])[0]
         self.misses += 1
@@ -251,6 +288,10 @@ class HoursCache:
         )
         if cached is not None and unchanged_before(cached.seen, seen, h2):
             self.hits += 1
+            # Proved against `seen`: it is as good a baseline, and knows the parts
+            # written since, so their later merges prove too.
+            cached = replace(cached, seen=seen)
+            self._put(key, cached)
         else:
             self.misses += 1
             hours = Window(h1, h2)

@@ -28,29 +28,38 @@ def _snap(**parts: Part) -> dict[str, dict[str, Part]]:
     return {"rerank_events": dict(parts), "uptime_probes": {}}
 
 
-OLD = _snap(a=Part("202611", 1, 4, E - 90_000), b=Part("202611", 5, 5, E - 10))
+OLD = _snap(a=Part("202611", 1, 4, E - 90_000, 1), b=Part("202611", 5, 5, E - 10, 5))
 
 
 def test_new_rows_after_the_hours_keep_the_figures() -> None:
-    new = _snap(**OLD["rerank_events"], c=Part("202611", 6, 6, E), d=Part("202612", 7, 9, E + 9))
+    new = _snap(
+        **OLD["rerank_events"], c=Part("202611", 6, 6, E, 6), d=Part("202612", 7, 9, E + 9, 7)
+    )
     assert unchanged_before(OLD, new, END)
 
 
 def test_new_rows_inside_the_hours_drop_them() -> None:
-    assert not unchanged_before(
-        OLD, _snap(**OLD["rerank_events"], c=Part("202611", 6, 6, E - 1)), END
-    )
+    late = _snap(**OLD["rerank_events"], c=Part("202611", 6, 6, E - 1, 6))
+    assert not unchanged_before(OLD, late, END)
 
 
-def test_merges_mutations_and_drops_of_old_parts_drop_them() -> None:
-    merged = _snap(ab=Part("202611", 1, 5, E - 90_000))
-    assert not unchanged_before(OLD, merged, END)  # a merge of old parts (same rows, but unproved)
-    mutated = _snap(a_7=Part("202611", 1, 4, E - 90_000), b=OLD["rerank_events"]["b"])
+def test_merges_of_known_parts_keep_them() -> None:
+    assert unchanged_before(OLD, _snap(ab=Part("202611", 1, 5, E - 90_000, 1)), END)
+
+
+def test_gaps_mutations_and_drops_drop_them() -> None:
+    # Block 6 committed after the snapshot (with an older number than 7): a merge that
+    # takes it in is not made of known parts only.
+    old = _snap(**OLD["rerank_events"], c=Part("202611", 7, 7, E - 5, 7))
+    assert not unchanged_before(old, _snap(abc=Part("202611", 1, 7, E - 90_000, 1)), END)
+    mutated = _snap(a_9=Part("202611", 1, 4, E - 90_000, 9), b=OLD["rerank_events"]["b"])
     assert not unchanged_before(OLD, mutated, END)  # a mutation rewrote a part
+    merged_mutated = _snap(ab_9=Part("202611", 1, 5, E - 90_000, 9))
+    assert not unchanged_before(OLD, merged_mutated, END)
     assert not unchanged_before(OLD, _snap(b=OLD["rerank_events"]["b"]), END)  # dropped
     probes = {
         "rerank_events": OLD["rerank_events"],
-        "uptime_probes": {"p": Part("202611", 1, 1, 0)},
+        "uptime_probes": {"p": Part("202611", 1, 1, 0, 1)},
     }
     assert not unchanged_before(OLD, probes, END)  # late probes count too
 
@@ -122,11 +131,12 @@ def test_stats_stay_exact_across_cached_hours(
     check(events, probes)
     assert cache.misses == misses + 2
 
-    # Parts merged (OPTIMIZE), then a partition dropped: read again, still exact.
+    # Parts merged (OPTIMIZE): the same rows, proved by their block ranges (a hit);
+    # then a partition dropped: read again. Exact throughout.
     services.ch.command("SYSTEM START MERGES rerank_events")
     services.ch.command("OPTIMIZE TABLE rerank_events FINAL")
     check(events, probes)
-    assert cache.misses == misses + 3
+    assert cache.misses == misses + 2
     month = start.strftime("%Y%m")
     services.ch.command(f"ALTER TABLE rerank_events DROP PARTITION {month}")
     left = [e for e in events if not e["timestamp"].startswith(start.strftime("%Y-%m"))]
