@@ -98,3 +98,10 @@ ALERT_DELIVERIES = Counter(
     ["channel", "outcome"],
     registry=REGISTRY,
 )
+FIGURES_CACHE = Counter(
+    "metering_figures_whole_hours_total",
+    "Reads of kept whole-hour figures (platform stats, usage facts) by result: hit (proved"
+    " current by system.parts) or miss (read from ClickHouse)",
+    ["kind", "result"],
+    registry=REGISTRY,
+)

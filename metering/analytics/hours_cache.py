@@ -11,10 +11,10 @@ row has been stored since; the edges are always read live (one query for events,
 for probes), and so is the proof (one query of `system.parts`).
 
 The proof, exact on any replica, because it asks ClickHouse, not this process:
-- Every insert makes a part whose block numbers are above every earlier block of the
-  table; merges and mutations make parts whose block range covers the parts they
-  replace. The parts' names, block ranges and the minimum timestamp of their rows are
-  in `system.parts`.
+- Every insert takes a block number above every one taken before it (when it starts:
+  it may commit after a later one) and makes a part of it; merges and mutations make
+  parts whose block range covers the parts they replace. The parts' names, block
+  ranges and the minimum timestamp of their rows are in `system.parts`.
 - The cached figures were read after a snapshot of the active parts was taken, so they
   hold at least the rows of those parts (rows stored after the snapshot may be in them
   too).
@@ -29,8 +29,12 @@ The proof, exact on any replica, because it asks ClickHouse, not this process:
   block number, a dropped partition) they are read again.
 - A proved read makes its own snapshot the baseline, so parts written since are known
   when a merge later takes them in: under steady ingest, the whole hours are read again
-  only when rows land in them (or a merge takes in a part no read has seen). Per-tenant figures are read directly (they
-come from `p_tenant_hourly` in one query and need no set of tenants).
+  only when rows land in them (or a merge takes in a part no read has seen).
+
+`HoursCache.facts` keeps the whole hours of any `/v1/usage` read the same way (one
+tenant's, grouped or not, per bucket); hits and misses of both are counted in /metrics
+(`metering_figures_whole_hours_total`). A tenant's `/v1/stats` is read directly: it is
+one query of `p_tenant_hourly` and needs no set of tenants.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from metering.analytics.facts import (
     tenant_numbers,
 )
 from metering.analytics.window import Window, ceil_hour, floor_hour
+from metering.metrics import FIGURES_CACHE
 
 # Reads of one figure: the caller runs them (at once, each on a client of its own, or one
 # after another on one client) and returns their results in order.
@@ -234,12 +239,14 @@ class HoursCache:
             seen, raw_rows = run([snapshot, raw])
             if unchanged_before(cached[1], seen, hours_end):
                 self.hits += 1
+                FIGURES_CACHE.labels("facts", "hit").inc()
                 with self._lock:  # proved against `seen`: the newer baseline
                     if key in self._facts:
                         self._facts[key] = (cached[0], seen)
                 return cached[0] + raw_rows
             hour_rows = run([hours])[0]
         self.misses += 1
+        FIGURES_CACHE.labels("facts", "miss").inc()
         with self._lock:
             self._facts[key] = (hour_rows, seen)
             self._facts.move_to_end(key)
@@ -288,12 +295,14 @@ class HoursCache:
         )
         if cached is not None and unchanged_before(cached.seen, seen, h2):
             self.hits += 1
+            FIGURES_CACHE.labels("platform", "hit").inc()
             # Proved against `seen`: it is as good a baseline, and knows the parts
             # written since, so their later merges prove too.
             cached = replace(cached, seen=seen)
             self._put(key, cached)
         else:
             self.misses += 1
+            FIGURES_CACHE.labels("platform", "miss").inc()
             hours = Window(h1, h2)
             hour_boundaries = book.boundaries(h1, h2)
             hour_facts, tenants, probes = run(
