@@ -14,19 +14,20 @@ The proof, exact on any replica, because it asks ClickHouse, not this process:
 - Every insert takes a block number above every one taken before it (when it starts:
   it may commit after a later one) and makes a part of it; merges and mutations make
   parts whose block range covers the parts they replace. The parts' names, block
-  ranges and the minimum timestamp of their rows are in `system.parts`.
+  ranges, data versions and the minimum timestamp of their rows are in `system.parts`.
 - The cached figures were read after a snapshot of the active parts was taken, so they
   hold at least the rows of those parts (rows stored after the snapshot may be in them
   too).
-- At a later read, if every active part is in that snapshot, or made only of blocks
-  above the snapshot's highest (new rows only) with its minimum timestamp at or after
-  the end of the whole hours, or a merge of parts of the snapshot (their block ranges
-  tile its own with no gap, and neither it nor they were rewritten by a mutation: their
-  data_version is still their first block), and every part of the snapshot is still
-  there or inside a part that is (nothing dropped), then the rows before that end are
-  exactly those of the snapshot: the cached figures are current. Otherwise (late rows
-  in those hours, a mutation, an insert that committed after the snapshot with an older
-  block number, a dropped partition) they are read again.
+- At a later read, if every active part is in that snapshot, or was never rewritten by
+  a mutation (its data_version is still its first block: inserts and merges only, which
+  keep rows) and has its earliest row at or after the end of the whole hours (then none
+  of its rows, nor of any part it took in, is before that end), or is a merge of parts
+  of the snapshot (their block ranges tile its own with no gap, none of them mutated),
+  and every part of the snapshot is still there or inside a part that is (nothing
+  dropped), then the rows before that end are exactly those of the snapshot: the
+  cached figures are current. Otherwise (late rows in those hours, a mutation, an
+  insert that committed after the snapshot with an older block number, a dropped
+  partition) they are read again. The service never updates or deletes event rows.
 - A proved read makes its own snapshot the baseline, so parts written since are known
   when a merge later takes them in: under steady ingest, the whole hours are read again
   only when rows land in them (or a merge takes in a part no read has seen).
@@ -130,12 +131,13 @@ def unchanged_before(old: Snapshot, new: Snapshot, end: datetime) -> bool:
     end_s = int(end.timestamp())
     for table in TABLES:
         before, now = old.get(table, {}), new.get(table, {})
-        top = max((p.max_block for p in before.values()), default=0)
         for name, part in now.items():
             if name in before:
                 continue
-            if part.min_block > top and part.min_time >= end_s:
-                continue  # new rows only, all at or after `end`
+            if part.unmutated and part.min_time >= end_s:
+                # Inserts and merges only keep rows, so none of its rows is before
+                # `end`, nor was any of a part it took in.
+                continue
             if _merge_of_known(before, part):
                 continue  # the same rows, merged
             return False

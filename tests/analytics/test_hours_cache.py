@@ -45,6 +45,13 @@ def test_new_rows_inside_the_hours_drop_them() -> None:
 
 def test_merges_of_known_parts_keep_them() -> None:
     assert unchanged_before(OLD, _snap(ab=Part("202611", 1, 5, E - 90_000, 1)), END)
+    # New parts merged before any read saw them: all their rows after the hours.
+    new = _snap(**OLD["rerank_events"], cd=Part("202611", 6, 9, E + 3, 6))
+    assert unchanged_before(OLD, new, END)
+    # ... but not if a mutation rewrote it (it could have dropped or changed rows).
+    assert not unchanged_before(
+        OLD, _snap(**OLD["rerank_events"], cd=Part("202611", 6, 9, E, 12)), END
+    )
 
 
 def test_gaps_mutations_and_drops_drop_them() -> None:
