@@ -78,6 +78,7 @@ PARTS = (
 )
 MAX_ENTRIES = 16  # platform figures: one per window of whole hours asked
 MAX_FACT_ENTRIES = 1024  # facts: one per (window of whole hours, filters, grouping, bucket)
+MAX_KEPT_FACTS = 20_000  # a larger answer (usage grouped by tenant, say) is not kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +250,10 @@ class HoursCache:
             hour_rows = run([hours])[0]
         self.misses += 1
         FIGURES_CACHE.labels("facts", "miss").inc()
+        if len(hour_rows) > MAX_KEPT_FACTS:  # memory stays bounded: ~2 KB a fact at most
+            with self._lock:
+                self._facts.pop(key, None)
+            return hour_rows + raw_rows
         with self._lock:
             self._facts[key] = (hour_rows, seen)
             self._facts.move_to_end(key)

@@ -210,3 +210,21 @@ def test_a_tenants_usage_stays_exact_across_cached_hours(
     _post(client, admin_headers, "/v1/events", "events", late)
     assert usage() == brute(events + late)  # proved stale, read again
     assert cache.hits == hits + 1
+
+
+def test_large_answers_are_not_kept(
+    client: TestClient, admin_headers: dict[str, str], services: Services, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr("metering.analytics.hours_cache.MAX_KEPT_FACTS", 3)
+    start = HOUR - timedelta(hours=10, minutes=30)
+    events = [
+        event(f"hl{i}", timestamp=_iso(start + timedelta(minutes=47 * i)), tenant_id=f"acct-{i}")
+        for i in range(12)
+    ]
+    _post(client, admin_headers, "/v1/events", "events", events)
+    params = {"from": _iso(start), "to": _iso(NOW), "granularity": "hour", "group_by": "tenant_id"}
+    for _ in range(2):
+        r = client.get("/v1/usage", params=params, headers=admin_headers)
+        assert r.status_code == 200, r.text
+        assert sum(s["requests"] for s in r.json()["series"]) == len(events)
+    assert services.hours.hits == 0  # more facts than kept: read again each time
