@@ -45,7 +45,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -67,6 +67,7 @@ from metering.metrics import FIGURES_CACHE
 
 # Reads of one figure: the caller runs them (at once, each on a client of its own, or one
 # after another on one client) and returns their results in order.
+T = TypeVar("T")
 Runner = Callable[[Sequence[Callable[[Client], Any]]], list[Any]]
 
 TABLES = ("rerank_events", "uptime_probes")
@@ -199,6 +200,7 @@ class HoursCache:
     def __init__(self) -> None:
         self._entries: OrderedDict[tuple[Any, ...], WholeHours] = OrderedDict()
         self._facts: OrderedDict[tuple[Any, ...], tuple[list[Fact], Snapshot]] = OrderedDict()
+        self._kept: OrderedDict[tuple[Any, ...], tuple[object, Snapshot]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -260,6 +262,31 @@ class HoursCache:
             while len(self._facts) > MAX_FACT_ENTRIES:
                 self._facts.popitem(last=False)
         return hour_rows + raw_rows
+
+    def kept(
+        self, ch: Client, key: tuple[Any, ...], end: datetime, read: Callable[[Client], T]
+    ) -> T:
+        """`read(ch)`, an answer that depends only on rows before `end`, kept under `key`
+        and proved current like the whole hours (one query of system.parts on a hit)."""
+        seen = snapshot(ch)
+        with self._lock:
+            cached = self._kept.get(key)
+            if cached is not None:
+                self._kept.move_to_end(key)
+        if cached is not None and unchanged_before(cached[1], seen, end):
+            FIGURES_CACHE.labels("kept", "hit").inc()
+            with self._lock:
+                if key in self._kept:
+                    self._kept[key] = (cached[0], seen)
+            return cast(T, cached[0])
+        FIGURES_CACHE.labels("kept", "miss").inc()
+        value = read(ch)
+        with self._lock:
+            self._kept[key] = (value, seen)
+            self._kept.move_to_end(key)
+            while len(self._kept) > MAX_FACT_ENTRIES:
+                self._kept.popitem(last=False)
+        return value
 
     def _get(self, key: tuple[Any, ...]) -> WholeHours | None:
         with self._lock:

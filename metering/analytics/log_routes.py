@@ -140,7 +140,7 @@ def _read_page(
     after: log.Cursor | None,
 ) -> log.Page:
     with state.reads.client() as client:
-        return log.read_page(client, filters, window, limit, digest, after)
+        return log.read_page(client, filters, window, limit, digest, after, state.hours)
 
 
 @router.get(

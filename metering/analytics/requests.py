@@ -50,6 +50,7 @@ from typing import Any
 import msgspec
 from clickhouse_connect.driver.client import Client
 
+from metering.analytics.hours_cache import HoursCache
 from metering.analytics.window import MAX_SPAN, Window, floor_day, floor_hour
 from metering.errors import ApiError
 
@@ -251,14 +252,26 @@ def _tenant_rows(
     wanted: int,
     params: dict[str, Any],
     after: bool,
+    kept: HoursCache | None,
 ) -> list[Sequence[Any]]:
-    """Up to `wanted` rows of [start, end), newest first, read by the tenant's hours."""
+    """Up to `wanted` rows of [start, end), newest first, read by the tenant's hours.
+
+    The counts of the closed hours [start's hour, end's hour) are kept in `kept` (proved
+    current like the figures' whole hours) when given; the hour holding `end` is still
+    filling and is always read first, its count unknown."""
     where = " AND ".join(_FILTER_SQL[name] for name in filters.given())
-    hi_hour = floor_hour(end - timedelta(milliseconds=1)) + timedelta(hours=1)
-    hours = client.query(
-        _TENANT_HOURS.format(where=where),
-        parameters={**params, "h_lo": floor_hour(start), "h_hi": hi_hour},
-    ).result_rows
+    h_lo, h_now = floor_hour(start), floor_hour(end)
+    closed: list[Sequence[Any]] = []
+    if h_lo < h_now:
+        sql_hours = _TENANT_HOURS.format(where=where)
+        hour_params = {**filters.given(), "h_lo": h_lo, "h_hi": h_now}
+
+        def read(ch: Client) -> list[Sequence[Any]]:
+            return list(ch.query(sql_hours, parameters=hour_params).result_rows)
+
+        key = ("tenant hours", sql_hours, repr(sorted(hour_params.items())))
+        closed = kept.kept(client, key, h_now, read) if kept is not None else read(client)
+    hours = ([(h_now, 0)] if end > h_now else []) + closed
     sql = _page_sql(filters, after, _HOURS_RANGE)
     params.update(lo=to_ms(start), hi=to_ms(end))
     rows: list[Sequence[Any]] = []
@@ -333,6 +346,7 @@ def read_page(
     limit: int,
     digest: str,
     after: Cursor | None = None,
+    kept: HoursCache | None = None,
 ) -> Page:
     """Up to `limit` events of `window` matching `filters`, newest first, after `after`."""
     start, end = window.start, window.end
@@ -344,7 +358,7 @@ def read_page(
         end = min(end, from_ms(after.ts_ms + 1))
     wanted = limit + 1  # one more than a page: is there a next one?
     if filters.tenant_id is not None:
-        rows = _tenant_rows(client, filters, start, end, wanted, params, after is not None)
+        rows = _tenant_rows(client, filters, start, end, wanted, params, after is not None, kept)
     else:
         rows = _step_rows(client, _page_sql(filters, after is not None), start, end, wanted, params)
     events = [_event(row) for row in rows[:limit]]

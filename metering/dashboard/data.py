@@ -98,6 +98,8 @@ def start_all(
             uptime_series(ch, window, granularity),
             [i for i in read_incidents(ch, window) if isinstance(i, Incident)],
         ),
-        "requests": lambda ch: log.read_page(ch, filters, log_window, LOG_PAGE, digest, cursor),
+        "requests": lambda ch: log.read_page(
+            ch, filters, log_window, LOG_PAGE, digest, cursor, state.hours
+        ),
     }
     return {name: asyncio.ensure_future(read(state, job)) for name, job in jobs.items()}

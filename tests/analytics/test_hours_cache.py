@@ -11,6 +11,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from metering.analytics.hours_cache import Part, unchanged_before
+from metering.metrics import REGISTRY
 from metering.services import Services
 from tests.ingest.helpers import event, probe
 
@@ -228,3 +229,39 @@ def test_large_answers_are_not_kept(
         assert r.status_code == 200, r.text
         assert sum(s["requests"] for s in r.json()["series"]) == len(events)
     assert services.hours.hits == 0  # more facts than kept: read again each time
+
+
+def _kept(result: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "metering_figures_whole_hours_total", {"kind": "kept", "result": result}
+    )
+    return value or 0.0
+
+
+def test_a_tenants_request_log_hours_stay_exact(
+    client: TestClient, admin_headers: dict[str, str], services: Services
+) -> None:
+    # The log finds a tenant's newest hours from kept counts of closed hours: an event
+    # stored later in an hour that had none must still show on the next first page.
+    start = HOUR - timedelta(hours=12, minutes=10)
+    mine = [
+        event(f"rl{i}", timestamp=_iso(start + timedelta(hours=h, minutes=7)), tenant_id="acct-r")
+        for i, h in enumerate((1, 2, 6, 7))
+    ]
+    _post(client, admin_headers, "/v1/events", "events", mine)
+    services.ch.command("SYSTEM STOP MERGES rerank_events")
+    params = {"from": _iso(start), "to": _iso(NOW), "tenant_id": "acct-r", "limit": 3}
+
+    def first_page() -> list[str]:
+        r = client.get("/v1/requests", params=params, headers=admin_headers)
+        assert r.status_code == 200, r.text
+        return [e["event_id"] for e in r.json()["requests"]]
+
+    assert first_page() == ["evt-rl3", "evt-rl2", "evt-rl1"]
+    hits = _kept("hit")
+    assert first_page() == ["evt-rl3", "evt-rl2", "evt-rl1"]
+    assert _kept("hit") == hits + 1
+    late = [event("rl-late", timestamp=_iso(start + timedelta(hours=4)), tenant_id="acct-r")]
+    _post(client, admin_headers, "/v1/events", "events", late)
+    assert first_page() == ["evt-rl3", "evt-rl2", "evt-rl-late"]
+    assert _kept("hit") == hits + 1  # proved stale: the hours were read again
