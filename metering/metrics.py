@@ -100,8 +100,9 @@ ALERT_DELIVERIES = Counter(
 )
 FIGURES_CACHE = Counter(
     "metering_figures_whole_hours_total",
-    "Reads of kept whole-hour figures (platform stats, usage facts) by result: hit (proved"
-    " current by system.parts) or miss (read from ClickHouse)",
+    "Reads of kept whole-hour answers by kind (platform: stats; facts: usage; kept: a"
+    " tenant's request-log hours) and result: hit (proved current by system.parts) or miss"
+    " (read from ClickHouse)",
     ["kind", "result"],
     registry=REGISTRY,
 )
