@@ -45,7 +45,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -68,6 +68,7 @@ from metering.metrics import FIGURES_CACHE
 # Reads of one figure: the caller runs them (at once, each on a client of its own, or one
 # after another on one client) and returns their results in order.
 T = TypeVar("T")
+V = TypeVar("V")
 Runner = Callable[[Sequence[Callable[[Client], Any]]], list[Any]]
 
 TABLES = ("rerank_events", "uptime_probes")
@@ -193,15 +194,47 @@ def _not_in(numbers: set[int], sorted_numbers: npt.NDArray[np.uint32]) -> int:
     return int(np.count_nonzero(sorted_numbers[at] != probe))
 
 
+class _Lru(Generic[V]):
+    """At most `size` values, the least recently used dropped first; thread-safe."""
+
+    def __init__(self, size: int) -> None:
+        self._values: OrderedDict[tuple[Any, ...], V] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...]) -> V | None:
+        with self._lock:
+            value = self._values.get(key)
+            if value is not None:
+                self._values.move_to_end(key)
+            return value
+
+    def put(self, key: tuple[Any, ...], value: V) -> None:
+        with self._lock:
+            self._values[key] = value
+            self._values.move_to_end(key)
+            while len(self._values) > self._size:
+                self._values.popitem(last=False)
+
+    def refresh(self, key: tuple[Any, ...], value: V) -> None:
+        """Replace the value under `key` if it is still kept."""
+        with self._lock:
+            if key in self._values:
+                self._values[key] = value
+
+    def pop(self, key: tuple[Any, ...]) -> None:
+        with self._lock:
+            self._values.pop(key, None)
+
+
 class HoursCache:
     """Whole-hour figures per window of whole hours (and price boundaries), newest used
     kept (at most MAX_ENTRIES)."""
 
     def __init__(self) -> None:
-        self._entries: OrderedDict[tuple[Any, ...], WholeHours] = OrderedDict()
-        self._facts: OrderedDict[tuple[Any, ...], tuple[list[Fact], Snapshot]] = OrderedDict()
-        self._kept: OrderedDict[tuple[Any, ...], tuple[object, Snapshot]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._entries: _Lru[WholeHours] = _Lru(MAX_ENTRIES)
+        self._facts: _Lru[tuple[list[Fact], Snapshot]] = _Lru(MAX_FACT_ENTRIES)
+        self._kept: _Lru[tuple[object, Snapshot]] = _Lru(MAX_FACT_ENTRIES)
         self.hits = 0
         self.misses = 0
 
@@ -230,10 +263,7 @@ class HoursCache:
             return read_facts(ch, hours_sql, q.hours_params, q.keys)
 
         key = (hours_sql, repr(sorted(q.hours_params.items())))
-        with self._lock:
-            cached = self._facts.get(key)
-            if cached is not None:
-                self._facts.move_to_end(key)
+        cached = self._facts.get(key)
         hour_rows: list[Fact]
         raw_rows: list[Fact]
         seen: Snapshot
@@ -245,22 +275,15 @@ class HoursCache:
             if unchanged_before(cached[1], seen, hours_end):
                 self.hits += 1
                 FIGURES_CACHE.labels("facts", "hit").inc()
-                with self._lock:  # proved against `seen`: the newer baseline
-                    if key in self._facts:
-                        self._facts[key] = (cached[0], seen)
+                self._facts.refresh(key, (cached[0], seen))  # proved: the newer baseline
                 return cached[0] + raw_rows
             hour_rows = run([hours])[0]
         self.misses += 1
         FIGURES_CACHE.labels("facts", "miss").inc()
         if len(hour_rows) > MAX_KEPT_FACTS:  # memory stays bounded: ~2 KB a fact at most
-            with self._lock:
-                self._facts.pop(key, None)
+            self._facts.pop(key)
             return hour_rows + raw_rows
-        with self._lock:
-            self._facts[key] = (hour_rows, seen)
-            self._facts.move_to_end(key)
-            while len(self._facts) > MAX_FACT_ENTRIES:
-                self._facts.popitem(last=False)
+        self._facts.put(key, (hour_rows, seen))
         return hour_rows + raw_rows
 
     def kept(
@@ -269,38 +292,15 @@ class HoursCache:
         """`read(ch)`, an answer that depends only on rows before `end`, kept under `key`
         and proved current like the whole hours (one query of system.parts on a hit)."""
         seen = snapshot(ch)
-        with self._lock:
-            cached = self._kept.get(key)
-            if cached is not None:
-                self._kept.move_to_end(key)
+        cached = self._kept.get(key)
         if cached is not None and unchanged_before(cached[1], seen, end):
             FIGURES_CACHE.labels("kept", "hit").inc()
-            with self._lock:
-                if key in self._kept:
-                    self._kept[key] = (cached[0], seen)
+            self._kept.refresh(key, (cached[0], seen))
             return cast(T, cached[0])
         FIGURES_CACHE.labels("kept", "miss").inc()
         value = read(ch)
-        with self._lock:
-            self._kept[key] = (value, seen)
-            self._kept.move_to_end(key)
-            while len(self._kept) > MAX_FACT_ENTRIES:
-                self._kept.popitem(last=False)
+        self._kept.put(key, (value, seen))
         return value
-
-    def _get(self, key: tuple[Any, ...]) -> WholeHours | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-            return entry
-
-    def _put(self, key: tuple[Any, ...], entry: WholeHours) -> None:
-        with self._lock:
-            self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > MAX_ENTRIES:
-                self._entries.popitem(last=False)
 
     def platform(self, run: Runner, book: PriceBook, window: Window) -> Platform:
         """The platform's facts (one bucket for the window), active accounts and probe
@@ -319,7 +319,7 @@ class HoursCache:
             return Platform(rows, len(tenant_set), probes)
         ranges = [r for r in ((start, h1), (h2, end)) if r[0] < r[1]]
         key = (h1, h2, tuple(book.boundaries(h1, h2)))
-        cached = self._get(key)
+        cached = self._entries.get(key)
         seen, edges, edge_probes = run(
             [
                 snapshot,
@@ -333,7 +333,7 @@ class HoursCache:
             # Proved against `seen`: it is as good a baseline, and knows the parts
             # written since, so their later merges prove too.
             cached = replace(cached, seen=seen)
-            self._put(key, cached)
+            self._entries.put(key, cached)
         else:
             self.misses += 1
             FIGURES_CACHE.labels("platform", "miss").inc()
@@ -347,7 +347,7 @@ class HoursCache:
                 ]
             )
             cached = WholeHours(hour_facts, tenants, probes, seen)
-            self._put(key, cached)
+            self._entries.put(key, cached)
         edge_rows, edge_tenants = edges
         accounts = len(cached.tenants) + _not_in(edge_tenants, cached.tenants)
         return Platform(cached.facts + edge_rows, accounts, _add(cached.probes, edge_probes))
