@@ -31,6 +31,7 @@ from metering.analytics.routes import router as figures_router
 from metering.auth.deps import AuthState
 from metering.auth.routes import router as api_keys_router
 from metering.auth.service import TenantForbidden
+from metering.budgets.authorize import AuthorizeFastPath
 from metering.budgets.routes import BudgetState, authorize_router
 from metering.budgets.routes import router as budgets_router
 from metering.dashboard.routes import DashboardState
@@ -46,7 +47,7 @@ from metering.errors import (
 )
 from metering.health.routes import HealthState
 from metering.health.routes import router as health_router
-from metering.http.protocol import CLIENT_GONE, CLOSED_STATUS
+from metering.http.protocol import CLIENT_GONE, CLOSED_STATUS, MAX_JSON_BODY
 from metering.ingest.routes import IngestState
 from metering.ingest.routes import router as ingest_router
 from metering.ingest.spool import Unavailable
@@ -117,7 +118,6 @@ class MetricsMiddleware:
             metrics.HTTP_LATENCY.labels(template, method).observe(time.perf_counter() - started)
 
 
-MAX_JSON_BODY = 1024 * 1024  # bytes: every body but the ingest endpoints' (16 MiB, streamed)
 _STREAMED = ("/v1/events", "/v1/probes")
 
 
@@ -259,6 +259,7 @@ def create_app(
     )
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(MetricsMiddleware)
+    app.add_middleware(AuthorizeFastPath)  # outermost: the gateway's per-request check
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ApiError, _api_error)

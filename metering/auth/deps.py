@@ -71,12 +71,20 @@ async def get_principal(
 
 async def caller(state: AuthState, request: Request) -> Principal:
     """`get_principal` for routes that take no FastAPI dependencies (the hot paths)."""
-    header = request.headers.get("authorization", "")
+    return await principal_of(state, request.headers.get("authorization", ""))
+
+
+async def principal_of(state: AuthState, header: str) -> Principal:
+    """`get_principal` from the `Authorization` header's value (plain ASGI paths)."""
     scheme, _, token = header.partition(" ")
-    credentials = None
-    if scheme.lower() == "bearer" and token.strip():
-        credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=token.strip())
-    return await get_principal(state, credentials)
+    token = token.strip()
+    if scheme.lower() == "bearer" and token:
+        principal = state.key_cache.get(token)
+        if principal is not None:
+            return principal
+        credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=token)
+        return await get_principal(state, credentials)
+    return await get_principal(state, None)
 
 
 def require(*scopes: str) -> Callable[[Principal], Coroutine[Any, Any, Principal]]:

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 # before its response was complete (the app's answer never reached the client).
 CLOSED_STATUS = "metering.closed_status"
 CLIENT_GONE = 499  # nginx's "client closed request"
+# Every request body the app reads whole (all but the ingest endpoints', 16 MiB, streamed).
+MAX_JSON_BODY = 1024 * 1024
 
 _IDLE, _HEAD, _BODY = 0, 1, 2  # where the connection is in the current request
 _SLACK = 0.001  # timers may fire up to a millisecond early (libuv's resolution)
