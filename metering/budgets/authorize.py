@@ -82,6 +82,8 @@ def parse_body(raw: bytes) -> _AuthorizeBody:
         raise ApiError(400, "body: not valid JSON") from None
     except UnicodeDecodeError:
         raise ApiError(400, "body: not valid JSON (strings must be UTF-8)") from None
+    except RecursionError:
+        raise ApiError(400, "body: JSON nested too deeply") from None
     errors = []
     for name in ("tenant_id", "project_id"):
         value = getattr(body, name)

@@ -46,6 +46,7 @@ def _requests(ingest_key: str, read_key: str) -> list[tuple[dict[str, str], byte
         (H, b'{"tenant_id": "a b", "project_id": ""}'),
         (H, b'{"tenant_id": "' + b"a" * 65 + b'"}'),
         (H, b'{"tenant_id": "\xff"}'),
+        (H, b'{"tenant_id": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
         (H, b'{"tenant_id": "acct-1", "project_id": null}'),
         (H, b'{"tenant_id": "a"}' + b" " * (1024 * 1024)),  # 413
     ]
@@ -78,7 +79,7 @@ def test_the_fast_path_answers_as_the_documented_route(client: TestClient) -> No
     assert [status for status, _, _ in fast] == [
         *(200, 200, 200, 200),
         *(401, 401, 401, 200, 403),
-        *(400,) * 8,
+        *(400,) * 9,
         200,
         413,
     ]
