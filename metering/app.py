@@ -43,6 +43,7 @@ from metering.errors import (
     conform_openapi,
     error_response,
     http_error_messages,
+    too_large,
     validation_messages,
 )
 from metering.health.routes import HealthState
@@ -164,9 +165,7 @@ class BodyLimitMiddleware:
 
     @staticmethod
     async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, f"body: at most {MAX_JSON_BODY} bytes")
-        response.headers["Connection"] = "close"
-        await response(scope, receive, send)
+        await too_large(MAX_JSON_BODY)(scope, receive, send)
 
 
 async def _validation_error(_: Request, exc: Exception) -> Response:

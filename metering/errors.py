@@ -66,6 +66,12 @@ def error_response(
     )
 
 
+def too_large(limit: int) -> Response:
+    """413 for a body read whole past `limit` bytes; the connection closes (the rest of
+    the body is not read)."""
+    return error_response(413, f"body: at most {limit} bytes", {"Connection": "close"})
+
+
 _DESCRIPTIONS = {
     400: "invalid input: every problem found, as `<field>: <rule>`",
     401: "missing, unknown or revoked token",

@@ -54,6 +54,10 @@ async def get_principal(
     """The caller, from `Authorization: Bearer`. Async with a short-lived cache: the
     ingest path neither hops to a thread nor queries the database per request."""
     token = credentials.credentials.strip() if credentials is not None else ""
+    return await _principal_for(state, token)
+
+
+async def _principal_for(state: AuthState, token: str) -> Principal:
     if not token:
         raise ApiError(
             401,
@@ -77,14 +81,7 @@ async def caller(state: AuthState, request: Request) -> Principal:
 async def principal_of(state: AuthState, header: str) -> Principal:
     """`get_principal` from the `Authorization` header's value (plain ASGI paths)."""
     scheme, _, token = header.partition(" ")
-    token = token.strip()
-    if scheme.lower() == "bearer" and token:
-        principal = state.key_cache.get(token)
-        if principal is not None:
-            return principal
-        credentials = HTTPAuthorizationCredentials(scheme="Bearer", credentials=token)
-        return await get_principal(state, credentials)
-    return await get_principal(state, None)
+    return await _principal_for(state, token.strip() if scheme.lower() == "bearer" else "")
 
 
 def require(*scopes: str) -> Callable[[Principal], Coroutine[Any, Any, Principal]]:

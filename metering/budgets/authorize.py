@@ -33,7 +33,7 @@ from billing.rating import money
 from metering import metrics
 from metering.auth.deps import AuthState, principal_of
 from metering.budgets.runtime import BudgetRuntime
-from metering.errors import ApiError, error_response
+from metering.errors import ApiError, error_response, too_large
 from metering.http.protocol import CLIENT_GONE, CLOSED_STATUS, MAX_JSON_BODY
 from metering.ingest.spool import Unavailable
 from metering.ingest.structs import ACCOUNT_PATTERN
@@ -241,5 +241,5 @@ async def _error(
 
 
 async def _too_large(scope: Scope, receive: Receive, send: Send) -> int:
-    headers = {"Connection": "close"}
-    return await _error(scope, receive, send, 413, f"body: at most {MAX_JSON_BODY} bytes", headers)
+    await too_large(MAX_JSON_BODY)(scope, receive, send)
+    return 413
