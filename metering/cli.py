@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 from metering.datadir import ensure_admin_token, lock_or_explain
 
 if TYPE_CHECKING:
+    from metering.app import StartupHook
+    from metering.services import Services
     from metering.settings import Settings
 
 # What the server imports that a client-only install (`pip install rerank-metering`) lacks.
@@ -159,10 +161,31 @@ def _tune_gc(_: object) -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+def _authorize_replica(settings: Settings, admin_token: str, host: str) -> StartupHook:
+    """A startup hook starting the authorize replica (METERING_AUTHORIZE_PORT), fed by the
+    services' spend ledger; it is stopped when this process exits."""
+    import atexit
+
+    from metering.budgets.replica import AuthorizeFeed
+
+    def start(services: Services) -> None:
+        feed = AuthorizeFeed(
+            services.budgets.ledger,
+            services.key_cache,
+            admin_token,
+            host,
+            settings.authorize_port,
+        )
+        feed.start()
+        atexit.register(feed.stop)
+
+    return start
+
+
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from metering.app import StartupHook, create_app
+    from metering.app import create_app
     from metering.http.protocol import HttpLimits, protocol_class
 
     hooks: list[StartupHook] = []
@@ -171,12 +194,21 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
         hooks.append(demo_hook)
     hooks.append(_tune_gc)
-    app = create_app(settings, _admin_token(settings), startup_hooks=hooks)
+    admin_token = _admin_token(settings)
+    if settings.authorize_port:
+        hooks.append(_authorize_replica(settings, admin_token, args.host))
+    app = create_app(settings, admin_token, startup_hooks=hooks)
     print(
         f"metering: serving on http://{args.host}:{args.port} "
         "(API docs at /docs, OpenAPI at /openapi.json)",
         flush=True,
     )
+    if settings.authorize_port:
+        print(
+            f"metering: POST /v1/authorize also on http://{args.host}:{settings.authorize_port}"
+            " (its own process, started once the stores are ready)",
+            flush=True,
+        )
     uvicorn.run(
         app,
         host=args.host,

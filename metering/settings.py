@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     http_keep_alive_seconds: float = Field(default=5.0, gt=0)
     http_header_timeout_seconds: float = Field(default=10.0, gt=0)
     http_body_timeout_seconds: float = Field(default=15.0, gt=0)
+    # A second port answering only POST /v1/authorize, from its own process (0: none);
+    # see metering.budgets.replica.
+    authorize_port: int = Field(default=0, ge=0, le=65535)
 
     @field_validator("clickhouse_database")
     @classmethod

@@ -18,6 +18,11 @@ caller stops the writer after record S, waits until records up to S are stored, 
 scopes' usage from ClickHouse (everything up to S, nothing after), and hands it to
 `finish_resync`; batches after S that were admitted meanwhile are added on top
 (`begin_resync` starts collecting them). No event is counted twice or missed.
+
+A mirror (`attach_mirror`) gets every change of what `check` reads, in the order the
+changes happen (each is sent under the ledger's lock), starting with a snapshot: another
+process that applies them (`apply`) answers `check` exactly as this ledger does, once it
+has applied everything sent before. metering.budgets.replica serves authorize so.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ Scope = tuple[str, str | None]  # (tenant_id, project_id or None for the whole t
 PriceKey = str | tuple[str, str, str]
 Quantities = list[int]  # [input_tokens, output_tokens, doc_query_pairs]
 UsageMap = dict[tuple[Scope, str], dict[PriceKey, Quantities]]
+# One change for a mirror: ("usage", {key: entry or None}), ("limits", [Limit, ...]),
+# ("limit", Limit), ("drop", budget id), ("entries", {id: PriceEntry}), ("ready", bool).
+Change = tuple[str, object]
 # Background loops (a resync, the alert worker) sleep this long every PAUSE_EVERY items.
 PAUSE_SECONDS = 0.0002
 PAUSE_EVERY = 128
@@ -166,6 +174,59 @@ class SpendLedger:
         self._generation = 0  # counts changes of the budgets (a resync checks it)
         self.ready = False  # built from ClickHouse at least once
         self.on_change: Callable[[], None] | None = None  # wakes the alert worker
+        # Told every change, under the lock (see `attach_mirror`); it must not block long.
+        self._mirror: Callable[[Change], None] | None = None
+
+    # -- a mirror in another process ------------------------------------------------------
+
+    def attach_mirror(self, mirror: Callable[[Change], None] | None) -> None:
+        """From now on tell `mirror` every change, after a snapshot of the whole state
+        (both under the lock, so nothing is missed or told twice). None detaches."""
+        with self._lock:
+            self._mirror = mirror
+            if mirror is None:
+                return
+            mirror(("entries", dict(self._entries)))
+            mirror(("limits", list(self._limits.values())))
+            mirror(("usage", dict(self._usage)))
+            mirror(("ready", self.ready))
+
+    def _tell(self, change: Change) -> None:
+        if self._mirror is not None:
+            self._mirror(change)
+
+    def apply(self, change: Change) -> None:
+        """Apply a change a primary ledger told its mirror (this ledger is the mirror)."""
+        kind, value = change
+        with self._lock:
+            if kind == "usage":
+                assert isinstance(value, dict)
+                for key, entry in value.items():
+                    if entry is None:
+                        self._usage.pop(key, None)
+                    else:
+                        self._usage[key] = entry
+                    self._spend.pop(key, None)
+            elif kind == "limits":
+                assert isinstance(value, list)
+                self._limits = {limit.id: limit for limit in value}
+                self._index()
+            elif kind == "limit":
+                assert isinstance(value, Limit)
+                self._limits[value.id] = value
+                self._index()
+            elif kind == "drop":
+                assert isinstance(value, str)
+                self._limits.pop(value, None)
+                self._index()
+            elif kind == "entries":
+                assert isinstance(value, dict)
+                self._entries = value
+                self._spend.clear()
+            elif kind == "ready":
+                self.ready = bool(value)
+            else:
+                raise ValueError(f"unknown ledger change {kind!r}")
 
     # -- budgets and prices ---------------------------------------------------------------
 
@@ -186,10 +247,13 @@ class SpendLedger:
             self._limits = new
             self._by_tenant = by_tenant
             self._generation += 1
+            self._tell(("limits", list(new.values())))
             if before - after:
-                for key in [k for k in self._usage if k[0] not in after]:
+                gone = [k for k in self._usage if k[0] not in after]
+                for key in gone:
                     del self._usage[key]
                     self._spend.pop(key, None)
+                self._tell(("usage", dict.fromkeys(gone)))
             return after - before
 
     def put_limit(self, limit: Limit) -> bool:
@@ -199,6 +263,7 @@ class SpendLedger:
             self._limits[limit.id] = limit
             self._index()
             self._changed.add(limit.scope)
+            self._tell(("limit", limit))
         self._notify()
         return new
 
@@ -206,6 +271,7 @@ class SpendLedger:
         with self._lock:
             self._limits.pop(budget_id, None)
             self._index()
+            self._tell(("drop", budget_id))
 
     def _index(self) -> None:
         self._by_tenant = _by_tenant(self._limits.values())
@@ -255,6 +321,7 @@ class SpendLedger:
                     latest[key] = e
             self._latest = latest
             self._spend.clear()
+            self._tell(("entries", dict(entries)))
         return changed
 
     @property
@@ -314,6 +381,8 @@ class SpendLedger:
             for scope, _period in usage:
                 self._spend.pop((scope, _period), None)
                 self._changed.add(scope)
+            if self._mirror is not None:
+                self._mirror(("usage", {key: self._usage[key] for key in usage}))
         self._notify()
 
     def _notify(self) -> None:
@@ -394,8 +463,11 @@ class SpendLedger:
             # Thresholds are checked again where spend changed (everywhere at the first
             # build): an exact reconciliation that found no drift costs no re-check.
             self._changed |= scopes if not self.ready else {key[0] for key in differs}
-            if resync.full:
+            if self._mirror is not None:
+                self._mirror(("usage", {key: self._usage.get(key) for key in differs}))
+            if resync.full and not self.ready:
                 self.ready = True
+                self._tell(("ready", True))
         self._notify()
         del live
         _release(fresh)
@@ -448,10 +520,13 @@ class SpendLedger:
         """Forget periods before the current one (called now and then by the worker)."""
         current = period_of(self.now())
         with self._lock:
-            for key in [k for k in self._usage if k[1] < current]:
+            gone = [k for k in self._usage if k[1] < current]
+            for key in gone:
                 del self._usage[key]
             for key in [k for k in self._spend if k[1] < current]:
                 del self._spend[key]
+            if gone:
+                self._tell(("usage", dict.fromkeys(gone)))
 
 
 def _release(usage: UsageMap) -> None:

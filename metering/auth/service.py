@@ -14,6 +14,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -77,6 +78,8 @@ class KeyCache:
         self._entries: dict[str, tuple[Principal, float]] = {}
         self._revoked: set[str] = set()  # so a lookup racing a revocation is not cached
         self._lock = threading.Lock()
+        # Also told of each revocation (the authorize replica's cache, in its process).
+        self.on_forget: Callable[[str], None] | None = None
 
     def get(self, token: str) -> Principal | None:
         entry = self._entries.get(token)
@@ -97,6 +100,8 @@ class KeyCache:
             self._revoked.add(key_id)
             for token in [t for t, (p, _) in self._entries.items() if p.key_id == key_id]:
                 del self._entries[token]
+        if self.on_forget is not None:
+            self.on_forget(key_id)
 
 
 def resolve(session: Session, admin_token: str, token: str) -> Principal | None:

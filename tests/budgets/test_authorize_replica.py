@@ -1,0 +1,243 @@
+"""The authorize replica (METERING_AUTHORIZE_PORT): a ledger mirror answers as its
+primary after every change, and a real `metering serve` with the port answers on it as on
+the main port, right after each 202, edit and revocation; it is replaced when killed and
+goes away with the main process."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from billing.budgets.ledger import Change, Limit, SpendLedger
+from billing.rating import PriceBook, PriceEntry
+from tests.conftest import ADMIN_TOKEN
+from tests.ingest.helpers import event
+from tests.processes import ServerProcess, free_port
+
+H = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+DOLLAR = {"provider": "cohere", "model": "rerank-4-pro", "input_tokens": 4_000_000}
+
+
+# -- the mirror, in process -------------------------------------------------------------------
+
+
+def _entry(entry_id: str, price: str, since: datetime) -> PriceEntry:
+    return PriceEntry(
+        entry_id, "cohere", "rerank-4-pro", since, "USD", Decimal(price), Decimal(0), Decimal(0)
+    )
+
+
+def _checks(ledger: SpendLedger, cases: list[tuple[str, str | None]]) -> list[Any]:
+    return [
+        [(c.limit, c.spend, c.unpriced) for c in ledger.check(tenant, project)]
+        for tenant, project in cases
+    ]
+
+
+def test_a_mirror_answers_as_its_ledger_after_every_change() -> None:
+    now = datetime(2026, 11, 15, tzinfo=UTC)
+    clock = [now]
+    primary = SpendLedger(lambda: clock[0])
+    mirror = SpendLedger(lambda: clock[0])
+    sent: list[Change] = []
+
+    def tell(change: Change) -> None:  # as the pipe does: a copy, in order
+        sent.append(change)
+        mirror.apply(pickle.loads(pickle.dumps(change)))
+
+    cases = [("t1", None), ("t1", "p1"), ("t1", "p2"), ("t2", None), ("t3", "p9")]
+    a = Limit("b1", "t1", None, Decimal("10"), True)
+    b = Limit("b2", "t1", "p1", Decimal("3"), True)
+    c = Limit("b3", "t2", None, Decimal("5"), False)
+    primary.set_book(PriceBook([_entry("e1", "0.25", datetime(2026, 1, 1, tzinfo=UTC))]))
+    primary.set_limits([a, b])
+    primary.durable(0, {(("t1", None), "2026-11"): {"e1": [4_000_000, 0, 0]}})
+    primary.attach_mirror(tell)  # a snapshot of what is there, then every change
+    assert mirror.ready is False and _checks(mirror, cases) == _checks(primary, cases)
+
+    def usage(scope: tuple[str, str | None], tokens: int) -> dict[Any, Any]:
+        return {(scope, "2026-11"): {"e1": [tokens, 0, 0]}}
+
+    steps = [
+        lambda: primary.durable(1, usage(("t1", "p1"), 8_000_000)),
+        lambda: primary.begin_resync(1),
+        lambda: primary.durable(2, usage(("t1", None), 4_000_000)),
+        lambda: primary.finish_resync(
+            {**usage(("t1", None), 40_000_000), **usage(("t1", "p1"), 8_000_000)}
+        ),
+        lambda: primary.put_limit(c),
+        lambda: primary.durable(3, usage(("t2", None), 4_000_000)),
+        lambda: primary.put_limit(Limit("b2", "t1", "p1", Decimal("30"), True)),
+        lambda: primary.drop_limit("b1"),
+        lambda: primary.set_book(
+            PriceBook(
+                [
+                    _entry("e1", "0.25", datetime(2026, 1, 1, tzinfo=UTC)),
+                    _entry("e2", "1", datetime(2026, 11, 1, tzinfo=UTC)),
+                ]
+            )
+        ),
+        lambda: primary.set_limits([b, c]),
+        lambda: clock.__setitem__(0, datetime(2026, 12, 1, tzinfo=UTC)),
+        primary.roll,
+        lambda: primary.durable(4, {(("t2", None), "2026-12"): {"e2": [1_000_000, 0, 0]}}),
+    ]
+    for step in steps:
+        step()
+        assert mirror.ready == primary.ready
+        assert _checks(mirror, cases) == _checks(primary, cases)
+    assert primary.ready is True
+    assert _checks(mirror, [("t2", None)])[0][0][1] == Decimal("1")
+    primary.attach_mirror(None)
+    told = len(sent)
+    primary.durable(5, usage(("t2", None), 1))
+    assert len(sent) == told  # detached: told nothing more
+
+
+# -- a real server with the port ----------------------------------------------------------------
+
+
+def _answers(server: ServerProcess, port: int, body: Any, headers: dict[str, str]) -> Any:
+    """(status, JSON) on the main port and on the authorize port, for one request."""
+    out = []
+    for base in (server.url, f"http://127.0.0.1:{port}"):
+        r = httpx.post(f"{base}/v1/authorize", json=body, headers=headers, timeout=10)
+        out.append((r.status_code, r.json()))
+    return out
+
+
+def _post(server: ServerProcess, path: str, body: Any, status: int = 202) -> Any:
+    r = httpx.post(f"{server.url}{path}", json=body, headers=H, timeout=30)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+def _wait_replica(port: int, pid: int | None = None, timeout: float = 30.0) -> int:
+    """Until the replica answers authorize (200) from a ledger that is ready; its pid
+    (another than `pid` when one was given)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.post(
+                f"http://127.0.0.1:{port}/v1/authorize",
+                json={"tenant_id": "nobody"},
+                headers=H,
+                timeout=2,
+            )
+            found = _replica_pid(port)
+            if r.status_code == 200 and found is not None and found != pid:
+                return found
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"the authorize replica did not answer on {port}")
+
+
+def _replica_pid(port: int) -> int | None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"metering.budgets.replica" in cmdline and str(port).encode() in cmdline:
+            return int(entry.name)
+    return None
+
+
+def _gone(pid: int, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_the_authorize_port_answers_as_the_main_port(tmp_path: Path) -> None:
+    port = free_port()
+    server = ServerProcess(
+        tmp_path / "data", METERING_ADMIN_TOKEN=ADMIN_TOKEN, METERING_AUTHORIZE_PORT=str(port)
+    )
+    try:
+        server.start()
+        pid = _wait_replica(port)
+        tenant = {"tenant_id": "acct-1", "project_id": "proj-1"}
+        budget = _post(
+            server,
+            "/v1/budgets",
+            {"tenant_id": "acct-1", "amount_usd": "3", "hard_limit": True},
+            201,
+        )
+        _post(
+            server,
+            "/v1/budgets",
+            {"tenant_id": "acct-1", "project_id": "proj-1", "amount_usd": "10"},
+            201,
+        )
+        main, replica = _answers(server, port, tenant, H)
+        assert main == replica and main[1]["allowed"] is True
+        # Each 202 counts on the authorize port at once (read-your-writes).
+        for i in range(4):
+            _post(server, "/v1/events", {"events": [event(f"e{i}", **DOLLAR)]})
+            main, replica = _answers(server, port, tenant, H)
+            assert main == replica, (i, main, replica)
+            assert main[1]["budgets"][0]["spend_usd"] == str(i + 1)
+            assert main[1]["allowed"] is (i + 1 < 3)
+        # An edit counts at once too: raising the amount allows again, deleting drops it.
+        r = httpx.patch(
+            f"{server.url}/v1/budgets/{budget['id']}", json={"amount_usd": "20"}, headers=H
+        )
+        assert r.status_code == 200, r.text
+        main, replica = _answers(server, port, tenant, H)
+        assert main == replica and main[1]["allowed"] is True
+        assert httpx.delete(f"{server.url}/v1/budgets/{budget['id']}", headers=H).status_code in (
+            200,
+            204,
+        )
+        main, replica = _answers(server, port, tenant, H)
+        assert main == replica and len(main[1]["budgets"]) == 1
+        # Errors are the same: bad bodies, no token, a revoked key (revoked at once).
+        for bad in ({"tenant_id": ""}, {"project_id": "p"}, [1], "x"):
+            main, replica = _answers(server, port, bad, H)
+            assert main == replica and main[0] == 400, (bad, main, replica)
+        main, replica = _answers(server, port, tenant, {})
+        assert main == replica and main[0] == 401
+        key = _post(server, "/v1/api-keys", {"scopes": ["ingest"], "name": "gw"}, 201)
+        gateway = {"Authorization": f"Bearer {key['key']}"}
+        main, replica = _answers(server, port, tenant, gateway)
+        assert main == replica and main[0] == 200
+        assert httpx.delete(f"{server.url}/v1/api-keys/{key['id']}", headers=H).status_code == 204
+        main, replica = _answers(server, port, tenant, gateway)
+        assert main == replica and main[0] == 401, (main, replica)
+        r = httpx.get(f"http://127.0.0.1:{port}/v1/budgets", headers=H)
+        assert r.status_code == 404 and "authorize" in r.json()["error"]
+
+        # kill -9 of the replica: the main process starts another, from a snapshot.
+        os.kill(pid, signal.SIGKILL)
+        pid = _wait_replica(port, pid)
+        main, replica = _answers(server, port, tenant, H)
+        assert main == replica and main[1]["budgets"][0]["spend_usd"] == "4"
+        _post(server, "/v1/events", {"events": [event("after", **DOLLAR)]})
+        main, replica = _answers(server, port, tenant, H)
+        assert main == replica and main[1]["budgets"][0]["spend_usd"] == "5"
+
+        # kill -9 of the main process: the replica does not answer on without it.
+        server.kill9()
+        assert _gone(pid), "the replica outlived the main process"
+    finally:
+        server.ensure_dead()
+        found = _replica_pid(port)
+        if found is not None:
+            os.kill(found, signal.SIGKILL)
