@@ -81,6 +81,16 @@ BUDGET_DRIFT_USD = Gauge(
     "reconciliation (corrected when found; 0 is the expected value)",
     registry=REGISTRY,
 )
+AUTHORIZE_REPLICA_UP = Gauge(
+    "metering_authorize_replica_up",
+    "1 while the authorize replica (METERING_AUTHORIZE_PORT) is fed, else 0",
+    registry=REGISTRY,
+)
+AUTHORIZE_REPLICA_STARTS = Counter(
+    "metering_authorize_replica_starts",
+    "Authorize replica processes started (more than one: it exited or stopped reading)",
+    registry=REGISTRY,
+)
 BUDGET_DRIFTED_SCOPES = Gauge(
     "metering_budget_drifted_scopes",
     "Budget scopes whose in-memory spend differed from ClickHouse at the last reconciliation",

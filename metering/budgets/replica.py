@@ -54,6 +54,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from billing.budgets.ledger import Change, SpendLedger
+from metering import metrics
 from metering.auth.service import KeyCache
 from metering.budgets.authorize import AuthorizeFastPath
 from metering.errors import error_response
@@ -158,6 +159,7 @@ class AuthorizeFeed:
             os.close(said_fd)
         os.set_blocking(write_fd, False)
         self.starts += 1
+        metrics.AUTHORIZE_REPLICA_STARTS.inc()
         self._broken.clear()
         with self._lock:
             self._fd = write_fd
@@ -166,11 +168,13 @@ class AuthorizeFeed:
                 return
             self._send(("admin_token", self.admin_token))
             self.ledger.attach_mirror(self._send)
+            metrics.AUTHORIZE_REPLICA_UP.set(1)
             while not self._stop.is_set() and not self._broken.is_set():
                 if self.process.poll() is not None:
                     break
                 self._broken.wait(0.5)
         finally:
+            metrics.AUTHORIZE_REPLICA_UP.set(0)
             self.ledger.attach_mirror(None)
             with self._lock:
                 self._fd = None

@@ -173,6 +173,7 @@ def test_the_authorize_port_answers_as_the_main_port(tmp_path: Path) -> None:
     try:
         server.start()
         pid = _wait_replica(port)
+        assert server.metric("metering_authorize_replica_up", {}) == 1
         tenant = {"tenant_id": "acct-1", "project_id": "proj-1"}
         budget = _post(
             server,
@@ -227,6 +228,7 @@ def test_the_authorize_port_answers_as_the_main_port(tmp_path: Path) -> None:
         # kill -9 of the replica: the main process starts another, from a snapshot.
         os.kill(pid, signal.SIGKILL)
         pid = _wait_replica(port, pid)
+        assert server.metric("metering_authorize_replica_starts_total", {}) == 2
         main, replica = _answers(server, port, tenant, H)
         assert main == replica and main[1]["budgets"][0]["spend_usd"] == "4"
         _post(server, "/v1/events", {"events": [event("after", **DOLLAR)]})
