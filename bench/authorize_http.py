@@ -7,9 +7,11 @@ the open-loop runs, the ingest worker of the mixed runs, and the in-process ASGI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -87,23 +89,227 @@ def wait_settled(server: Server, timeout: float = 600.0) -> float:
     raise TimeoutError(f"server not settled after {timeout}s")
 
 
+# -- the server's child processes (the authorize port's process) ---------------------------
+
+
+def parent_pids() -> dict[int, int]:
+    """pid -> parent pid of every process (from /proc; psutil is not a dependency)."""
+    out: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    out[int(entry)] = int(handle.read().rpartition(")")[2].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # exited meanwhile
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for child, parent in parent_pids().items():
+        children.setdefault(parent, []).append(child)
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot), to tell it from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rpartition(")")[2].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on TCP `port` (any address)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            listening = len(fields) > 9 and fields[3] == "0A"  # TCP_LISTEN
+            if listening and int(fields[1].rpartition(":")[2], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def authorize_pids(server_pid: int, port: int) -> tuple[list[int], str]:
+    """The server's child process(es) answering the authorize port, and how they were
+    found: the descendants holding a socket that listens on `port` (and their own
+    descendants), else every descendant of the server."""
+    kids = descendants(server_pid)
+    marks = {f"socket:[{inode}]" for inode in listening_inodes(port)}
+    owners: list[int] = []
+    for pid in kids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in marks:
+                    owners.append(pid)
+                    break
+            except OSError:
+                continue
+    if not owners:
+        return kids, f"no child found listening on {port}: all {len(kids)} descendants"
+    pids = list(owners)
+    for pid in owners:
+        pids += [p for p in descendants(pid) if p not in pids]
+    return pids, f"pids {pids}, listening on {port}"
+
+
+def nice_of(pid: int) -> int | None:
+    """The process's nice value (/proc/PID/stat field 19), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rpartition(")")[2].split()[16])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def cpu_seconds_of(pids: list[int]) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for pid in pids:
+        try:
+            out[pid] = proc_cpu_seconds(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def wait_authorize_port(server: Server, port: int, timeout: float) -> float:
+    """Until GET /healthz on the authorize port answers 200; seconds waited."""
+    began = time.perf_counter()
+    last = "no answer"
+    while True:
+        if server.proc is not None and server.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {server.proc.returncode}: {server.log_tail()}")
+        try:
+            status, body = http("GET", f"http://127.0.0.1:{port}/healthz", timeout=2)
+            if status == 200:
+                return time.perf_counter() - began
+            last = f"HTTP {status}: {body[:200]!r}"
+        except OSError as exc:
+            last = repr(exc)
+        if time.perf_counter() - began >= timeout:
+            break
+        time.sleep(0.2)
+    raise RuntimeError(
+        f"--authorize-port: `metering serve` was started with METERING_AUTHORIZE_PORT={port}"
+        f" but GET /healthz on 127.0.0.1:{port} did not answer 200 within {timeout:.0f} s of"
+        f" the main port being ready (last: {last}). Does this server support"
+        f" METERING_AUTHORIZE_PORT? Server log tail:\n{server.log_tail(10)}"
+    )
+
+
+def start_server(server: Server, timeout: float, authorize_port: int) -> float:
+    """`server.start` (returns its seconds until /readyz said 200), then with an authorize
+    port until that port answers too, within the same wait."""
+    ready = server.start(timeout=timeout)
+    if authorize_port:
+        waited = wait_authorize_port(server, authorize_port, max(timeout - ready, 10.0))
+        print(f"authorize port {authorize_port} answered {waited:.1f} s after /readyz", flush=True)
+    return ready
+
+
+def end_children(kids: list[tuple[int, int | None]], grace: float = 30.0) -> None:
+    """After the server stopped: its child processes (pid, start time) still running
+    past `grace` seconds are killed (each by its pid, if it is still the same process)."""
+    deadline = time.monotonic() + grace
+    alive = kids
+    while alive:
+        alive = [(pid, began) for pid, began in alive if start_time(pid) == began]
+        if not alive or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    for pid, _ in alive:
+        print(f"server child {pid} still running after the server stopped: killing it")
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def server_children(server: Server) -> list[tuple[int, int | None]]:
+    if server.proc is None or server.proc.poll() is not None:
+        return []
+    return [(pid, start_time(pid)) for pid in descendants(server.pid)]
+
+
+def stop_server(server: Server) -> int:
+    kids = server_children(server)
+    code = server.stop()
+    end_children(kids)
+    return code
+
+
+def kill_server(server: Server) -> None:
+    kids = server_children(server)
+    server.kill()
+    end_children(kids, grace=5.0)
+
+
+# -- the runs ---------------------------------------------------------------------------------
+
+
 def timed_open_loop(
-    server: Server, requests: list[bytes], args: argparse.Namespace, name: str
+    server: Server,
+    requests: list[bytes],
+    args: argparse.Namespace,
+    name: str,
+    *,
+    port: int | None = None,
+    child_pids: list[int] | None = None,
+    ingest: IngestWorker | None = None,
 ) -> dict[str, Any]:
+    """One open-loop run against `port` (default the server's main port). `child_pids`:
+    the authorize port's process(es), whose CPU the server CPU then includes. `ingest`:
+    the paced ingest worker, checked to be running still when the run ends."""
     cpu_before = proc_cpu_seconds(server.pid)
+    child_before = cpu_seconds_of(child_pids or [])
     load_before = load()
+    wall_start = time.time()
     result = run_open_loop(
         "127.0.0.1",
-        server.port,
+        server.port if port is None else port,
         requests,
         rate=args.rate,
         seconds=args.seconds,
         connections=args.connections,
     )
+    wall_end = time.time()
+    ingest_alive = ingest is not None and ingest.running()
     server_cpu = proc_cpu_seconds(server.pid) - cpu_before
+    child_after = cpu_seconds_of(list(child_before))
     row = summarize(result, name)
     row["server_cpu"] = server_cpu / result.seconds
+    if child_pids is not None:
+        child_cpu = sum(child_after[p] - child_before[p] for p in child_after)
+        row["main_cpu"] = row["server_cpu"]
+        row["authorize_cpu"] = child_cpu / result.seconds
+        row["server_cpu"] += row["authorize_cpu"]
+    # The run's span, wall clock (a bracket around its first send and last reply).
+    row["wall_start"], row["wall_end"] = wall_start, wall_end
+    if ingest is not None:
+        row["ingest_alive_at_end"] = ingest_alive
     row["load"] = f"{load_before} -> {load()}"
+    if args.trace is not None:
+        args.trace.mkdir(parents=True, exist_ok=True)
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        with open(args.trace / f"{slug}.csv", "w") as f:
+            f.write("sent_s,latency_ms\n")
+            for at, lat in zip(result.sent_at, result.latencies, strict=True):
+                f.write(f"{at:.6f},{lat * 1e3:.3f}\n")
     print(f"  {name}: {json.dumps(row)}", flush=True)
     return row
 
@@ -206,10 +412,56 @@ class IngestWorker:
         self.proc.wait(30)
         return out
 
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        """Ask a paced run to stop (SIGUSR1): it finishes the bodies in flight, then
+        prints its result (read it with `result`)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+# The paced ingest of the mixed runs: its worker pre-builds every body (about 370 bytes an
+# event, twice that while building), so it is sized for the runs' nominal time three times
+# over plus margins (a run under ingest can last well past its nominal time: the generator
+# waits for replies on its few connections), bounded here, and stopped once the runs are
+# over. Whether it covered each run is checked (`ingest_coverage`), not assumed.
+PACED_EVENTS_MAX = 60_000_000  # sent, not built: the worker reuses 400K built events
+PACED_MARGIN_S = 15.0  # the 2 s head start, connections, the gaps between runs
+
+
+def paced_events(rate: float, runs: int, seconds: float) -> int:
+    span = 3 * runs * seconds + PACED_MARGIN_S
+    events = -(-int(rate * span) // 1000) * 1000
+    if events > PACED_EVENTS_MAX:
+        print(
+            f"paced ingest: {events:,} events would cover {span:.0f} s at {rate:,.0f}/s;"
+            f" capped at {PACED_EVENTS_MAX:,} ({PACED_EVENTS_MAX / rate:.0f} s) (a bound)",
+            flush=True,
+        )
+        events = PACED_EVENTS_MAX
+    return events
+
+
+def ingest_coverage(row: dict[str, Any], paced: dict[str, Any]) -> bool:
+    """Whether the paced ingest was on from before the run's first request to after its
+    last reply (wall clock), and its worker still running when the run ended."""
+    row["ingest_lead_s"] = row["wall_start"] - paced["start_wall"]
+    row["ingest_tail_s"] = paced["end_wall"] - row["wall_end"]
+    covered = bool(
+        paced["start_wall"] > 0  # it sent at all
+        and row["ingest_lead_s"] >= 0
+        and row["ingest_tail_s"] >= 0
+        and row["ingest_alive_at_end"]
+    )
+    row["ingest_covered"] = covered
+    return covered
 
 
 def run_http(args: argparse.Namespace, work: Path, parts: set[str]) -> dict[str, Any]:
@@ -217,10 +469,19 @@ def run_http(args: argparse.Namespace, work: Path, parts: set[str]) -> dict[str,
     began = time.perf_counter()
     u = universe(args.tenants, args.fraction, args.seed)
     admin = "bench-admin-" + os.urandom(8).hex()
-    server = Server(work / "data", free_port(), admin)
+    port = free_port()
+    auth_port = 0
+    env: dict[str, str] = {}
+    if args.authorize_port:
+        while auth_port in (0, port):
+            auth_port = free_port()
+        env["METERING_AUTHORIZE_PORT"] = str(auth_port)
+        env["METERING_AUTHORIZE_NICE"] = str(args.authorize_nice)
+        out["authorize_port"] = auth_port
+    server = Server(work / "data", port, admin, extra_env=env)
     workers: list[IngestWorker] = []
     try:
-        out["start1_s"] = server.start(timeout=300)
+        out["start1_s"] = start_server(server, 300, auth_port)
         post_prices(server.base, admin)
         status, body = http(
             "POST",
@@ -252,12 +513,12 @@ def run_http(args: argparse.Namespace, work: Path, parts: set[str]) -> dict[str,
         out["seed_events"] = len(lines)
         out["seed_s"] = seeded.seconds
         del bodies, lines
-        server.stop()
+        stop_server(server)
         out["budgets"] = insert_budgets(work / "data" / "metering.db", u.budgets, now_utc())
         out["budgeted_tenants"] = len(u.budgeted)
         out["tenants"] = len(u.accounts)
         out["hard"] = sum(1 for b in u.budgets if b.hard)
-        out["start2_s"] = server.start(timeout=600)
+        out["start2_s"] = start_server(server, 600, auth_port)
         out["setup_s"] = time.perf_counter() - began
         out["rss_after_start_mib"] = proc_status_kib(server.pid, "VmRSS") / 1024
         out["settle_s"] = wait_settled(server)
@@ -271,6 +532,26 @@ def run_http(args: argparse.Namespace, work: Path, parts: set[str]) -> dict[str,
         # Warm-up (connections, first-call caches): 1 s each, not reported.
         run_open_loop("127.0.0.1", server.port, health, rate=500, seconds=1, connections=2)
         run_open_loop("127.0.0.1", server.port, requests, rate=500, seconds=1, connections=2)
+        auth_requests: list[bytes] = []
+        auth_pids: list[int] = []
+        if auth_port:
+            auth_requests = [
+                json_post("127.0.0.1", auth_port, token, "/v1/authorize", b) for b in bodies
+            ]
+            warm = run_open_loop(
+                "127.0.0.1", auth_port, auth_requests, rate=500, seconds=1, connections=2
+            )
+            if not warm.statuses.get(200):
+                raise RuntimeError(
+                    f"--authorize-port: POST /v1/authorize on port {auth_port} answered no"
+                    f" 200: {warm.statuses} {warm.errors[:3]}"
+                )
+            auth_pids, how = authorize_pids(server.pid, auth_port)
+            nices = sorted({nice_of(pid) for pid in auth_pids})
+            how += f", nice {', '.join(map(str, nices))} (asked {args.authorize_nice})"
+            out["authorize_pids"] = how
+            print(f"authorize port {auth_port}: its process(es): {how}", flush=True)
+        auth_name = "POST /v1/authorize (authorize port)"
         if "http" in parts:
             if args.wait_quiet > 0:
                 busy = wait_for_quiet(args.wait_quiet)
@@ -283,6 +564,12 @@ def run_http(args: argparse.Namespace, work: Path, parts: set[str]) -> dict[str,
                 out["alone"].append(timed_open_loop(server, requests, args, "POST /v1/authorize"))
             finally:
                 stop_profiler(profiler)
+            if auth_port:
+                out["alone"].append(
+                    timed_open_loop(
+                        server, auth_requests, args, auth_name, port=auth_port, child_pids=auth_pids
+                    )
+                )
         if "mixed" in parts:
             if args.wait_quiet > 0:
                 wait_for_quiet(args.wait_quiet)
@@ -305,8 +592,7 @@ def run_http(args: argparse.Namespace, work: Path, parts: set[str]) -> dict[str,
                 print(f"ingest max: {json.dumps(top)}", flush=True)
                 basis = "stored_per_s" if args.ingest_basis == "stored" else "events_per_s"
                 half = top[basis] / 2
-            span = 2 * args.seconds + 6
-            events = int(half * span) // 1000 * 1000
+            events = paced_events(half, 3 if auth_port else 2, args.seconds)
             paced = IngestWorker(server.port, token, "paced", events, half)
             workers.append(paced)
             paced.ready()
@@ -315,26 +601,47 @@ def run_http(args: argparse.Namespace, work: Path, parts: set[str]) -> dict[str,
                 wait_stored(server.base, out["ingest_max"]["events"])
             paced.go()
             time.sleep(2.0)
-            out["mixed"] = [
-                timed_open_loop(server, health, args, "GET /healthz (baseline), ingest on"),
-            ]
+            name = "GET /healthz (baseline), ingest on"
+            out["mixed"] = [timed_open_loop(server, health, args, name, ingest=paced)]
             mixed_profile = args.profile and args.profile.with_suffix(".mixed.txt")
             profiler = start_profiler(server.pid, mixed_profile)
             try:
-                out["mixed"].append(
-                    timed_open_loop(server, requests, args, "POST /v1/authorize, ingest on")
-                )
+                name = "POST /v1/authorize, ingest on"
+                out["mixed"].append(timed_open_loop(server, requests, args, name, ingest=paced))
             finally:
                 stop_profiler(profiler)
+            if auth_port:
+                out["mixed"].append(
+                    timed_open_loop(
+                        server,
+                        auth_requests,
+                        args,
+                        auth_name + ", ingest on",
+                        port=auth_port,
+                        child_pids=auth_pids,
+                        ingest=paced,
+                    )
+                )
+            paced.stop()
             out["ingest_paced"] = paced.result()
             out["ingest_paced"]["target"] = half
+            out["ingest_paced"]["events_built"] = events
             out["ingest_basis"] = "fixed" if args.ingest_rate > 0 else args.ingest_basis
             print(f"ingest paced: {json.dumps(out['ingest_paced'])}", flush=True)
+            for row in out["mixed"]:
+                covered = ingest_coverage(row, out["ingest_paced"])
+                print(
+                    f"ingest covered the whole of {row['name']!r}: "
+                    f"{'yes' if covered else 'NO !!!'} (ingest on from "
+                    f"{row['ingest_lead_s']:.2f} s before its start to {row['ingest_tail_s']:.2f}"
+                    f" s after its end; worker running at its end: {row['ingest_alive_at_end']})",
+                    flush=True,
+                )
         out["rss_end_mib"] = proc_status_kib(server.pid, "VmHWM") / 1024
         final = metric_values(server.base)
         out["resyncs"] = final.get(RESYNCS, 0.0)
         out["resync_s"] = final.get(RESYNC_SECONDS, 0.0)
-        out["exit_code"] = server.stop()
+        out["exit_code"] = stop_server(server)
         if "asgi" in parts:
             listed = work / "authorize_bodies.json"
             listed.write_text(json.dumps([b.decode() for b in bodies[:5_000]]))
@@ -354,7 +661,7 @@ def run_http(args: argparse.Namespace, work: Path, parts: set[str]) -> dict[str,
     finally:
         for w in workers:
             w.kill()
-        server.kill()
+        kill_server(server)
         if server.log_path is not None and server.log_path.exists():
             tail = server.log_tail(10)
             if "Traceback" in tail or "ERROR" in tail:

@@ -13,7 +13,8 @@ The ingest worker runs in its own process (`python -m bench.authorize_load inges
 so its 1,000-event bodies do not share an event loop with the authorize generator:
 `--mode max` sends as fast as 4 connections can (bench/loadgen.run_load) and prints
 events/s; `--mode paced --rate R` sends 1,000-event bodies open-loop at R events/s after
-a line on stdin says go. Each prints one JSON line of results.
+a line on stdin says go, until the bodies run out or a SIGUSR1 says stop. Each prints
+one JSON line of results.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from bench import loadgen
 
@@ -45,6 +48,7 @@ class OpenLoopResult:
     sent: int = 0
     latencies: list[float] = field(default_factory=list)  # write -> last byte, seconds
     lateness: list[float] = field(default_factory=list)  # write - due, seconds
+    sent_at: list[float] = field(default_factory=list)  # write - start, seconds (in step)
     statuses: dict[int, int] = field(default_factory=dict)
     denied: int = 0  # replies with "allowed":false
     errors: list[str] = field(default_factory=list)
@@ -88,6 +92,7 @@ async def open_loop(
             done = clock()
             result.latencies.append(done - sent)
             result.lateness.append(sent - due)
+            result.sent_at.append(sent - start)
             result.sent += 1
             result.statuses[status] = result.statuses.get(status, 0) + 1
             if status != expect and len(result.errors) < 20:
@@ -125,26 +130,70 @@ def run_open_loop(
 # -- the ingest worker (its own process) ----------------------------------------------------
 
 
+PACED_BUILT = 400_000  # events built for a paced run (about 150 MB of bodies)
+
+
+class Rounds(Sequence[bytes]):
+    """`count` bodies: the built ones again and again, round k with event ids
+    `evt_<run>r<k:04x>_...` instead of `evt_<run>r0000_...` (unique across rounds)."""
+
+    def __init__(self, bodies: Sequence[bytes], run_id: str, count: int) -> None:
+        self.bodies = bodies
+        self.old = f'"evt_{run_id}_'.encode()
+        self.stem = run_id[: -len("r0000")]
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.count))]
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        round_, at = divmod(i, len(self.bodies))
+        body = self.bodies[at]
+        if round_ == 0:
+            return body
+        return body.replace(self.old, f'"evt_{self.stem}r{round_:04x}_'.encode())
+
+
 async def paced_ingest(
-    host: str, port: int, bodies: Sequence[bytes], rate: float, connections: int
-) -> dict[str, float]:
-    """Send every body once, body i due at t0 + i * BATCH / rate (open loop)."""
+    host: str,
+    port: int,
+    bodies: Sequence[bytes],
+    rate: float,
+    connections: int,
+    stop_at: list[float] | None = None,
+) -> dict[str, Any]:
+    """Send every body once, body i due at t0 + i * BATCH / rate (open loop), or until
+    `stop_at` is not empty (it holds the wall-clock time a stop was asked at).
+
+    `start_wall` / `end_wall` (time.time()) bound the span ingest was on: the first body's
+    write, and the stop's time if it came with bodies left, else the last body's write."""
     clock = time.perf_counter
     counter = iter(range(len(bodies)))
     accepted = 0
     late_max = 0.0
     failures = 0
+    first_wall = last_wall = 0.0
+    stopped = False
     streams = [await asyncio.open_connection(host, port, limit=1 << 20) for _ in range(connections)]
     start = clock() + 0.05
 
     async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal accepted, late_max, failures
+        nonlocal accepted, late_max, failures, first_wall, last_wall, stopped
         for i in counter:
             due = start + i * BATCH / rate
             delay = due - clock()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if stop_at:
+                stopped = True
+                break
             late_max = max(late_max, clock() - due)
+            last_wall = time.time()
+            first_wall = first_wall or last_wall
             writer.write(bodies[i])
             await writer.drain()
             status, body = await loadgen.read_response(reader)
@@ -163,6 +212,9 @@ async def paced_ingest(
         "events_per_s": accepted / seconds,
         "late_max_s": late_max,
         "failures": failures,
+        "start_wall": first_wall,
+        "end_wall": stop_at[0] if stopped and stop_at else last_wall,
+        "stopped_early": stopped,
     }
 
 
@@ -176,14 +228,24 @@ def ingest_worker(argv: list[str]) -> int:
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--connections", type=int, default=4)
     args = parser.parse_args(argv)
+    stop_at: list[float] = []  # SIGUSR1: stop the paced run (installed before "ready")
+
+    def stop(signum: int, frame: object) -> None:
+        stop_at[:] = stop_at or [time.time()]
+
+    signal.signal(signal.SIGUSR1, stop)
     base_epoch = float(int(time.time()) - 900)
-    lines = loadgen.build_lines(
-        args.events, seed=loadgen_seed(), run_id=args.run_id, base_epoch=base_epoch
-    )
-    bodies = [
+    # Paced: at most PACED_BUILT events are built; past them the bodies are sent again with
+    # each event id's run part rewritten per round (same length: Content-Length holds).
+    built = args.events if args.mode == "max" else min(args.events, PACED_BUILT)
+    run_id = args.run_id if args.mode == "max" else f"{args.run_id}r0000"
+    lines = loadgen.build_lines(built, seed=loadgen_seed(), run_id=run_id, base_epoch=base_epoch)
+    bodies: Sequence[bytes] = [
         loadgen.post_request("127.0.0.1", args.port, args.token, loadgen.json_body(chunk))
         for chunk in loadgen.batches(lines, BATCH)
     ]
+    if args.mode == "paced" and args.events > built:
+        bodies = Rounds(bodies, run_id, -(-args.events // BATCH))
     del lines
     print(json.dumps({"ready": len(bodies)}), flush=True)
     if sys.stdin.readline().strip() != "go":
@@ -201,7 +263,7 @@ def ingest_worker(argv: list[str]) -> int:
                     concurrency=args.connections,
                 )
             )
-            out = {
+            out: dict[str, Any] = {
                 "events": result.accepted,
                 "seconds": result.seconds,
                 "events_per_s": result.accepted / result.seconds,
@@ -209,7 +271,7 @@ def ingest_worker(argv: list[str]) -> int:
             }
         else:
             out = loop.run_until_complete(
-                paced_ingest("127.0.0.1", args.port, bodies, args.rate, args.connections)
+                paced_ingest("127.0.0.1", args.port, bodies, args.rate, args.connections, stop_at)
             )
     finally:
         loop.close()

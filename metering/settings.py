@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     # A second port answering only POST /v1/authorize, from its own process (0: none);
     # see metering.budgets.replica.
     authorize_port: int = Field(default=0, ge=0, le=65535)
+    # Its CPU priority (nice, -20..19; below 0 needs CAP_SYS_NICE, else it stays at 0).
+    authorize_nice: int = Field(default=-5, ge=-20, le=19)
 
     @field_validator("clickhouse_database")
     @classmethod

@@ -146,14 +146,19 @@ class AuthorizeFastPath:
     """Answers `POST /v1/authorize` ahead of FastAPI; everything else (other methods on
     the path too: 405 with Allow) goes on to `app`. Install it outermost."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, count: bool = True) -> None:
+        """`count=False`: no metrics (a process whose /metrics nobody reads)."""
         self.app = app
+        self.count = count
         self._ok = metrics.HTTP_REQUESTS.labels(PATH, "POST", "200")
         self._latency = metrics.HTTP_LATENCY.labels(PATH, "POST")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
             await self.app(scope, receive, send)
+            return
+        if not self.count:
+            await self._serve(scope, receive, send)
             return
         started = time.perf_counter()
         status = 500

@@ -5,9 +5,12 @@ goes away with the main process."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import signal
+import sys
+import threading
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -243,3 +246,112 @@ def test_the_authorize_port_answers_as_the_main_port(tmp_path: Path) -> None:
         found = _replica_pid(port)
         if found is not None:
             os.kill(found, signal.SIGKILL)
+
+
+# -- the feed's faults, with stand-in replicas ----------------------------------------------------
+
+_STUCK = """
+import os, sys, time
+args = sys.argv[1:]
+os.write(int(args[args.index("--started-fd") + 1]), b"1")
+time.sleep(3600)  # never reads the feed
+"""
+
+
+def test_a_replica_that_stops_reading_never_makes_ingest_wait_and_is_replaced() -> None:
+    from metering.auth.service import KeyCache
+    from metering.budgets import replica
+
+    ledger = SpendLedger()
+    feed = replica.AuthorizeFeed(
+        ledger,
+        KeyCache(),
+        "token",
+        "127.0.0.1",
+        free_port(),
+        command=[sys.executable, "-c", _STUCK],
+        max_behind_bytes=8 * 1024 * 1024,
+    )
+    feed.start()
+    try:
+        deadline = time.monotonic() + 30
+        while ledger._mirror is None:  # attached once the stand-in said it started
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        first = feed.process
+        assert first is not None
+        # About 3 MB per batch: the pipe (1 MiB) fills at once and nobody reads it.
+        big = {((f"t{i}", None), "2026-11"): {"e1": [i, 0, 0]} for i in range(60_000)}
+        waits = []
+        for seq in range(2):
+            began = time.monotonic()
+            ledger.durable(seq, big)
+            waits.append(time.monotonic() - began)
+        assert feed.starts == 1 and feed._queued > 1024 * 1024  # queued, not waited for
+        assert max(waits) < 1.0, waits  # the merge and the pickling, no waiting on a pipe
+        for seq in range(2, 6):  # past 8 MB behind: given up
+            ledger.durable(seq, big)
+        deadline = time.monotonic() + 30
+        while feed.starts < 2 or feed.process is first:
+            assert time.monotonic() < deadline, "the stuck replica was not replaced"
+            time.sleep(0.05)
+        assert first.poll() is not None  # the stuck one was killed
+    finally:
+        feed.stop()
+    assert feed.process is not None and feed.process.poll() is not None
+
+
+def _frames(*changes: Any) -> bytes:
+    out = b""
+    for change in changes:
+        data = pickle.dumps(change)
+        out += len(data).to_bytes(4, "big") + data
+    return out
+
+
+def test_a_request_waits_for_changes_already_counted() -> None:
+    from metering.budgets import replica
+
+    read_fd, write_fd = os.pipe()
+    counter_fd = os.memfd_create("test-feed")
+    os.ftruncate(counter_fd, 8)
+    counter = mmap.mmap(counter_fd, 8)
+    state = replica.ReplicaState(sessions=None)  # type: ignore[arg-type]
+    mirror = replica.Mirror(read_fd, state, counter_fd)
+    try:
+        os.write(write_fd, _frames(("admin_token", "a")))
+        counter[:8] = (2).to_bytes(8, "little")  # two counted, one written so far
+        began = time.monotonic()
+        assert mirror.catch_up() is False  # the second never came: 503
+        assert time.monotonic() - began >= replica.CATCH_UP_TIMEOUT
+        assert state.admin_token == "a"
+        threading.Timer(0.2, os.write, (write_fd, _frames(("admin_token", "b")))).start()
+        assert mirror.catch_up() is True  # waits for it
+        assert state.admin_token == "b" and mirror.applied == 2
+    finally:
+        counter.close()
+        for fd in (read_fd, write_fd, counter_fd):
+            os.close(fd)
+
+
+def test_the_mirror_applies_whole_changes_only() -> None:
+    from metering.budgets.replica import Mirror, ReplicaState
+
+    read_fd, write_fd = os.pipe()
+    state = ReplicaState(sessions=None)  # type: ignore[arg-type]
+    mirror = Mirror(read_fd, state)
+    frames = _frames(("admin_token", "tok"), ("ready", True))
+    try:
+        for cut in range(len(frames)):  # every split of the bytes into two writes
+            os.write(write_fd, frames[:cut])
+            mirror.drain()
+            os.write(write_fd, frames[cut:])
+            mirror.drain()
+            assert state.admin_token == "tok" and state.budgets.ledger.ready is True
+            state.admin_token = ""
+            state.budgets.ledger.ready = False
+        os.close(write_fd)
+        mirror.drain()
+        assert mirror.closed  # the main process went away
+    finally:
+        os.close(read_fd)
