@@ -542,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         http=protocol_class(HttpLimits.from_settings(settings)),
         access_log=False,
         log_level="warning",
+        proxy_headers=False,  # nothing here reads the client's address
         timeout_graceful_shutdown=5,
     )
     return 0

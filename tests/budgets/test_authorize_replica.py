@@ -227,6 +227,11 @@ def test_the_authorize_port_answers_as_the_main_port(tmp_path: Path) -> None:
         assert main == replica and main[0] == 401, (main, replica)
         r = httpx.get(f"http://127.0.0.1:{port}/v1/budgets", headers=H)
         assert r.status_code == 404 and "authorize" in r.json()["error"]
+        for base in (server.url, f"http://127.0.0.1:{port}"):
+            r = httpx.get(f"{base}/v1/authorize", headers=H)
+            assert (r.status_code, r.headers["allow"]) == (405, "POST"), base
+            r = httpx.post(f"{base}/v1/authorize", content=b" " * (2 << 20), headers=H)
+            assert r.status_code == 413 and "body" in r.json()["error"], base
 
         # kill -9 of the replica: the main process starts another, from a snapshot.
         os.kill(pid, signal.SIGKILL)
