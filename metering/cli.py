@@ -194,6 +194,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
         hooks.append(demo_hook)
     hooks.append(_tune_gc)
+    if settings.authorize_port and settings.authorize_port == args.port:
+        print(
+            f"metering: invalid settings: METERING_AUTHORIZE_PORT: must differ from the main"
+            f" port ({args.port})",
+            file=sys.stderr,
+        )
+        return 2
     admin_token = _admin_token(settings)
     if settings.authorize_port:
         hooks.append(_authorize_replica(settings, admin_token, args.host))

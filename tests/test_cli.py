@@ -213,3 +213,13 @@ def test_jobs_run_stores_probes_once_without_the_ingest_stack(
     assert counts["rows"] == counts["distinct"] == counts["ids_final"] == 2, counts
     events_counts = read_store(data_dir, tmp_path / "events.txt")
     assert events_counts["rows"] == 0
+
+
+def test_serve_refuses_an_authorize_port_equal_to_its_own(data_dir: Path) -> None:
+    port = free_port()
+    result = run_command(
+        data_dir, "serve", "--port", str(port), METERING_AUTHORIZE_PORT=str(port), timeout=60
+    )
+    assert result.returncode == 2
+    assert "METERING_AUTHORIZE_PORT: must differ from the main port" in result.stderr
+    assert "Traceback" not in result.stderr
