@@ -264,11 +264,13 @@ class AuthorizeFeed:
 
     def _flusher(self, fd: int) -> None:
         """Writes what `_send` queued, in order, while the pipe has room."""
-        while not self._broken.is_set() and not self._stop.is_set():
+        while True:
             self._flush.wait(0.5)
             while True:
                 with self._lock:
-                    if self._fd != fd or not self._queue:
+                    if self._fd != fd or self._broken.is_set():
+                        return  # this replica is over (a new one gets its own flusher)
+                    if not self._queue:
                         self._flush.clear()
                         break
                     head = self._queue[0]

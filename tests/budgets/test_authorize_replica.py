@@ -306,6 +306,40 @@ def test_a_replica_that_stops_reading_never_makes_ingest_wait_and_is_replaced() 
     assert feed.process is not None and feed.process.poll() is not None
 
 
+_EXITS = """
+import os, sys, time
+args = sys.argv[1:]
+os.write(int(args[args.index("--started-fd") + 1]), b"1")
+time.sleep(0.3)  # then exits, as a crashed replica would
+"""
+
+
+def test_a_replica_that_exits_is_started_again_and_leaves_no_thread() -> None:
+    from metering.auth.service import KeyCache
+    from metering.budgets import replica
+
+    ledger = SpendLedger()
+    feed = replica.AuthorizeFeed(
+        ledger,
+        KeyCache(),
+        "token",
+        "127.0.0.1",
+        free_port(),
+        command=[sys.executable, "-c", _EXITS],
+    )
+    feed.start()
+    try:
+        deadline = time.monotonic() + 60
+        while feed.starts < 3:
+            assert time.monotonic() < deadline, "not started again"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        flushers = [t for t in threading.enumerate() if t.name == "authorize-feed-flush"]
+        assert len(flushers) <= 1, flushers  # one per replica, ended with it
+    finally:
+        feed.stop()
+
+
 def _frames(*changes: Any) -> bytes:
     out = b""
     for change in changes:
