@@ -255,29 +255,32 @@ def test_the_authorize_port_answers_as_the_main_port(tmp_path: Path) -> None:
 
 # -- the feed's faults, with stand-in replicas ----------------------------------------------------
 
-_STUCK = """
+# A stand-in for the replica process: says it started, then does `then`.
+_STAND_IN = """
 import os, sys, time
 args = sys.argv[1:]
 os.write(int(args[args.index("--started-fd") + 1]), b"1")
-time.sleep(3600)  # never reads the feed
+{then}
 """
+_STUCK = _STAND_IN.format(then="time.sleep(3600)  # never reads the feed")
+_EXITS = _STAND_IN.format(then="time.sleep(0.3)  # then exits, as a crashed replica would")
+
+
+def _feed(ledger: SpendLedger, script: str, **options: Any) -> Any:
+    from metering.auth.service import KeyCache
+    from metering.budgets.replica import AuthorizeFeed
+
+    command = [sys.executable, "-c", script]
+    feed = AuthorizeFeed(
+        ledger, KeyCache(), "token", "127.0.0.1", free_port(), command=command, **options
+    )
+    feed.start()
+    return feed
 
 
 def test_a_replica_that_stops_reading_never_makes_ingest_wait_and_is_replaced() -> None:
-    from metering.auth.service import KeyCache
-    from metering.budgets import replica
-
     ledger = SpendLedger()
-    feed = replica.AuthorizeFeed(
-        ledger,
-        KeyCache(),
-        "token",
-        "127.0.0.1",
-        free_port(),
-        command=[sys.executable, "-c", _STUCK],
-        max_behind_bytes=8 * 1024 * 1024,
-    )
-    feed.start()
+    feed = _feed(ledger, _STUCK, max_behind_bytes=8 * 1024 * 1024)
     try:
         deadline = time.monotonic() + 30
         while ledger._mirror is None:  # attached once the stand-in said it started
@@ -306,28 +309,8 @@ def test_a_replica_that_stops_reading_never_makes_ingest_wait_and_is_replaced() 
     assert feed.process is not None and feed.process.poll() is not None
 
 
-_EXITS = """
-import os, sys, time
-args = sys.argv[1:]
-os.write(int(args[args.index("--started-fd") + 1]), b"1")
-time.sleep(0.3)  # then exits, as a crashed replica would
-"""
-
-
 def test_a_replica_that_exits_is_started_again_and_leaves_no_thread() -> None:
-    from metering.auth.service import KeyCache
-    from metering.budgets import replica
-
-    ledger = SpendLedger()
-    feed = replica.AuthorizeFeed(
-        ledger,
-        KeyCache(),
-        "token",
-        "127.0.0.1",
-        free_port(),
-        command=[sys.executable, "-c", _EXITS],
-    )
-    feed.start()
+    feed = _feed(SpendLedger(), _EXITS)
     try:
         deadline = time.monotonic() + 60
         while feed.starts < 3:
