@@ -51,6 +51,16 @@ class Settings(BaseSettings):
     authorize_port: int = Field(default=0, ge=0, le=65535)
     # Its CPU priority (nice, -20..19; below 0 needs CAP_SYS_NICE, else it stays at 0).
     authorize_nice: int = Field(default=-5, ge=-20, le=19)
+    # Its CPU time slice in microseconds (Linux 6.12+: a shorter slice lets a woken check
+    # run before the slice of a busy ingest thread ends; 100-100,000; 0 = the kernel's).
+    authorize_slice_us: int = Field(default=100, ge=0, le=100_000)
+
+    @field_validator("authorize_slice_us")
+    @classmethod
+    def _slice_in_kernel_range(cls, value: int) -> int:
+        if value and not 100 <= value <= 100_000:
+            raise ValueError("must be 0 (the kernel's) or 100-100000 microseconds")
+        return value
 
     @field_validator("clickhouse_database")
     @classmethod

@@ -78,10 +78,22 @@ async def caller(state: AuthState, request: Request) -> Principal:
     return await principal_of(state, request.headers.get("authorization", ""))
 
 
+def bearer_token(header: str) -> str:
+    """The token of an `Authorization: Bearer <token>` header's value, else ""."""
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 async def principal_of(state: AuthState, header: str) -> Principal:
     """`get_principal` from the `Authorization` header's value (plain ASGI paths)."""
-    scheme, _, token = header.partition(" ")
-    return await _principal_for(state, token.strip() if scheme.lower() == "bearer" else "")
+    return await _principal_for(state, bearer_token(header))
+
+
+def cached_principal(state: AuthState, header: str) -> Principal | None:
+    """`principal_of` when it needs no database lookup (the key was resolved lately);
+    None when it does, or when the answer is an error."""
+    token = bearer_token(header)
+    return state.key_cache.get(token) if token else None
 
 
 def require(*scopes: str) -> Callable[[Principal], Coroutine[Any, Any, Principal]]:

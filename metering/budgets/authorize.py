@@ -32,6 +32,7 @@ from billing.budgets.ledger import Limit
 from billing.rating import money
 from metering import metrics
 from metering.auth.deps import AuthState, principal_of
+from metering.auth.service import Principal
 from metering.budgets.runtime import BudgetRuntime
 from metering.errors import ApiError, error_response, too_large
 from metering.http.protocol import CLIENT_GONE, CLOSED_STATUS, MAX_JSON_BODY
@@ -99,11 +100,15 @@ def parse_body(raw: bytes) -> _AuthorizeBody:
 async def answer(state: AuthorizeState, authorization: str, raw: bytes) -> bytes:
     """The JSON answer for a caller (`Authorization` header) and a request body. Raises
     ApiError (401, 403, 400) or Unavailable (503) as the route answers them."""
-    principal = await principal_of(state, authorization)
+    return answer_for(state.budgets, await principal_of(state, authorization), raw)
+
+
+def answer_for(budgets: BudgetRuntime, principal: Principal, raw: bytes) -> bytes:
+    """`answer` once the caller is known: synchronous, from memory only."""
     if not (principal.has("ingest") or principal.has("admin")):
         raise ApiError(403, "authorization: this key lacks the ingest or admin scope")
     body = parse_body(raw)
-    runtime = ready(state.budgets)
+    runtime = ready(budgets)
     checks = runtime.ledger.check(body.tenant_id, body.project_id)
     reason = None
     for c in checks:

@@ -194,13 +194,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         oversized = self._head_bytes > self._max_head and self._head_size() > self._max_head
         self._head_bytes = 0
         if not oversized:
-            _stock_on_headers_complete(self)
+            self.begin_request()
             return
         app, self.app = self.app, _header_too_large
         try:
             super().on_headers_complete()
         finally:
             self.app = app
+
+    def begin_request(self) -> None:
+        """A request's head is complete (and within the limit): start the app on it. A
+        subclass may answer some requests itself instead (metering.budgets.replica_http)."""
+        _stock_on_headers_complete(self)
 
     def _head_size(self) -> int:
         """The head's size, give or take the request line's spaces and version."""

@@ -177,6 +177,10 @@ def test_the_authorize_port_answers_as_the_main_port(tmp_path: Path) -> None:
         server.start()
         pid = _wait_replica(port)
         assert server.metric("metering_authorize_replica_up", {}) == 1
+        # It asked the kernel for a 100 us CPU slice (METERING_AUTHORIZE_SLICE_US), where
+        # the kernel has custom slices (Linux 6.12+, shown in /proc/PID/sched).
+        if _custom_slices():
+            assert _slice_ns(pid) == 100_000
         tenant = {"tenant_id": "acct-1", "project_id": "proj-1"}
         budget = _post(
             server,
@@ -251,6 +255,45 @@ def test_the_authorize_port_answers_as_the_main_port(tmp_path: Path) -> None:
         found = _replica_pid(port)
         if found is not None:
             os.kill(found, signal.SIGKILL)
+
+
+def _slice_ns(pid: int | str) -> int | None:
+    with open(f"/proc/{pid}/sched") as handle:
+        for line in handle:
+            if line.startswith("se.slice"):
+                return int(float(line.split(":")[1]))
+    return None
+
+
+def _custom_slices() -> bool:
+    release = tuple(int(p) for p in os.uname().release.split(".")[:2] if p.isdigit())
+    return sys.platform == "linux" and release >= (6, 12) and _slice_ns("self") is not None
+
+
+def test_the_replica_asks_for_a_short_cpu_slice() -> None:
+    from metering.budgets.replica import _shorten_slice
+
+    if not _custom_slices():
+        import pytest
+
+        pytest.skip("the kernel has no custom CPU slices (Linux 6.12+)")
+    seen: list[int | None] = []
+
+    def in_a_thread() -> None:  # the slice (and, on Linux, nice) are the thread's own
+        me = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, me, 3)
+        before = _slice_ns("thread-self")
+        _shorten_slice(250)
+        seen.extend([before, _slice_ns("thread-self"), os.getpriority(os.PRIO_PROCESS, me)])
+        _shorten_slice(0)  # 0: left as it is
+        seen.append(_slice_ns("thread-self"))
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    before, after, nice, unchanged = seen
+    assert before != 250_000 and after == unchanged == 250_000
+    assert nice == 3  # the nice value is kept
 
 
 # -- the feed's faults, with stand-in replicas ----------------------------------------------------
