@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 from metering.datadir import ensure_admin_token, lock_or_explain
 
 if TYPE_CHECKING:
+    from pydantic import ValidationError
+
     from metering.app import StartupHook
     from metering.services import Services
     from metering.settings import Settings
@@ -99,10 +101,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setting_problems(exc: ValidationError) -> list[str]:
+    """One `METERING_<NAME>: <rule> (got <value>)` per problem pydantic found."""
+    problems = []
+    for error in exc.errors():
+        name = "METERING_" + "_".join(str(part) for part in error["loc"]).upper()
+        rule = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{name}: {rule} (got {error.get('input')!r})")
+    return problems
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if _missing_server_package() is not None:
         print(SERVER_EXTRA_HINT, file=sys.stderr)
         return 1
+    from pydantic import ValidationError
+
     from metering.settings import Settings
 
     args = _parser().parse_args(argv)
@@ -113,8 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         settings = Settings()
-    except Exception as exc:  # pydantic's ValidationError names the variable
-        print(f"metering: invalid settings: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        for problem in _setting_problems(exc):
+            print(f"metering: invalid settings: {problem}", file=sys.stderr)
         return 2
     if args.command == "simulate":
         return _simulate(args, settings)

@@ -223,3 +223,11 @@ def test_serve_refuses_an_authorize_port_equal_to_its_own(data_dir: Path) -> Non
     assert result.returncode == 2
     assert "METERING_AUTHORIZE_PORT: must differ from the main port" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_an_authorize_slice_the_kernel_would_not_take(data_dir: Path) -> None:
+    result = run_command(data_dir, "serve", METERING_AUTHORIZE_SLICE_US="50", timeout=60)
+    assert result.returncode == 2
+    assert "METERING_AUTHORIZE_SLICE_US" in result.stderr
+    assert "0 (the kernel's) or 100-100000 microseconds" in result.stderr
+    assert "Traceback" not in result.stderr
