@@ -107,6 +107,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --authorize-port: METERING_AUTHORIZE_NICE for the server (default -5)",
     )
     parser.add_argument(
+        "--authorize-slice-us",
+        type=int,
+        default=100,
+        help="with --authorize-port: METERING_AUTHORIZE_SLICE_US for the server (default"
+        " 100; 0 = the kernel's)",
+    )
+    parser.add_argument(
         "--trace",
         type=Path,
         default=None,

@@ -179,6 +179,19 @@ def nice_of(pid: int) -> int | None:
         return None
 
 
+def slice_us_of(pid: int) -> int | None:
+    """The CPU slice the kernel gives the process's main thread (/proc/PID/sched, Linux
+    6.6+), in microseconds; None where it is not shown."""
+    try:
+        with open(f"/proc/{pid}/sched") as handle:
+            for line in handle:
+                if line.startswith("se.slice"):
+                    return int(float(line.split(":")[1])) // 1000
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def cpu_seconds_of(pids: list[int]) -> dict[int, float]:
     out: dict[int, float] = {}
     for pid in pids:
@@ -477,6 +490,7 @@ def run_http(args: argparse.Namespace, work: Path, parts: set[str]) -> dict[str,
             auth_port = free_port()
         env["METERING_AUTHORIZE_PORT"] = str(auth_port)
         env["METERING_AUTHORIZE_NICE"] = str(args.authorize_nice)
+        env["METERING_AUTHORIZE_SLICE_US"] = str(args.authorize_slice_us)
         out["authorize_port"] = auth_port
     server = Server(work / "data", port, admin, extra_env=env)
     workers: list[IngestWorker] = []
@@ -549,6 +563,9 @@ def run_http(args: argparse.Namespace, work: Path, parts: set[str]) -> dict[str,
             auth_pids, how = authorize_pids(server.pid, auth_port)
             nices = sorted({nice_of(pid) for pid in auth_pids})
             how += f", nice {', '.join(map(str, nices))} (asked {args.authorize_nice})"
+            slices = sorted({slice_us_of(pid) for pid in auth_pids}, key=str)
+            how += f", CPU slice {', '.join(map(str, slices))} us"
+            how += f" (asked {args.authorize_slice_us or 'the kernel default'})"
             out["authorize_pids"] = how
             print(f"authorize port {auth_port}: its process(es): {how}", flush=True)
         auth_name = "POST /v1/authorize (authorize port)"
