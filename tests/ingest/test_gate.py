@@ -28,6 +28,19 @@ def test_bloom_has_no_false_negatives_and_few_false_positives() -> None:
     assert others.mean() < 5e-4
 
 
+def test_a_growing_bloom_keeps_no_false_negatives_and_its_rate() -> None:
+    bloom = gate_module.GrowingBloom(20_000)
+    keys = [f"k-{i}" for i in range(300_000)]
+    for at in range(0, len(keys), 1_000):  # as batches arrive: layers of 20K, 40K, ... 320K
+        bloom.add(key_hashes(keys[at : at + 1_000]))
+    assert [layer.capacity for layer in bloom.layers] == [20_000, 40_000, 80_000, 160_000]
+    assert bloom.count == 300_000 and bloom.capacity >= bloom.count
+    assert bloom.contains(key_hashes(keys)).all()
+    others = bloom.contains(key_hashes([f"other-{i}" for i in range(300_000)]))
+    # Each layer at half the rate of the one before: all of them under 2e-4 together.
+    assert others.mean() < 2 * gate_module.FALSE_POSITIVE_RATE * 1.5
+
+
 def test_python_and_clickhouse_hash_alike(ch_client) -> None:  # type: ignore[no-untyped-def]
     migrate(ch_client)
     store = IngestStore(ch_client, EVENTS_TABLE)
@@ -45,7 +58,10 @@ def test_gate_is_exact_and_grows(monkeypatch) -> None:  # type: ignore[no-untype
     def lookup(ids: list[str]) -> set[str]:
         return stored & set(ids)
 
+    reads = []
+
     def source():  # type: ignore[no-untyped-def]
+        reads.append(len(stored))
         yield key_hashes(sorted(stored))
 
     gate = DedupGate(lookup, source)
@@ -58,11 +74,15 @@ def test_gate_is_exact_and_grows(monkeypatch) -> None:  # type: ignore[no-untype
         stored.update(keys[:500])
         gate.stored(seq)
     assert gate.bloom.capacity >= 5000
+    # It grew without reading every stored key again (on the event loop, under the lock:
+    # that stalled every request for seconds each time the keys doubled).
+    assert reads == [] and len(gate.bloom.layers) > 1
     with gate.lock:
         assert gate.admit(["e1", "e4999", "new"]) == [False, False, True]
     # A new process's gate knows the keys only from the store: the same exact answers.
     restarted = DedupGate(lookup, source)
     restarted.rebuild(len(stored))
+    assert reads == [5000] and len(restarted.bloom.layers) == 1  # folded into one layer
     with restarted.lock:
         assert restarted.admit(["e1", "e4999", "new"]) == [False, False, True]
     assert restarted.lookups == 1  # one exact lookup for the whole batch
