@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -275,6 +276,38 @@ def kill_server(server: Server) -> None:
 # -- the runs ---------------------------------------------------------------------------------
 
 
+def generate(args: argparse.Namespace, port: int, requests: list[bytes]) -> OpenLoopResult:
+    """run_open_loop; with --generator-slice-us, in a thread of its own that asks for that
+    CPU slice (a thread's slice is its own: processes started later do not inherit it)."""
+
+    def run() -> OpenLoopResult:
+        return run_open_loop(
+            "127.0.0.1",
+            port,
+            requests,
+            rate=args.rate,
+            seconds=args.seconds,
+            connections=args.connections,
+        )
+
+    if not args.generator_slice_us:
+        return run()
+    from metering.budgets.replica import shorten_slice
+
+    out: list[OpenLoopResult] = []
+
+    def in_thread() -> None:
+        shorten_slice(args.generator_slice_us)
+        out.append(run())
+
+    thread = threading.Thread(target=in_thread, name="generator")
+    thread.start()
+    thread.join()
+    if not out:
+        raise RuntimeError("the load generator's thread failed (see above)")
+    return out[0]
+
+
 def timed_open_loop(
     server: Server,
     requests: list[bytes],
@@ -292,13 +325,10 @@ def timed_open_loop(
     child_before = cpu_seconds_of(child_pids or [])
     load_before = load()
     wall_start = time.time()
-    result = run_open_loop(
-        "127.0.0.1",
+    result = generate(
+        args,
         server.port if port is None else port,
         requests,
-        rate=args.rate,
-        seconds=args.seconds,
-        connections=args.connections,
     )
     wall_end = time.time()
     ingest_alive = ingest is not None and ingest.running()

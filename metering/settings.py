@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     authorize_nice: int = Field(default=-5, ge=-20, le=19)
     # Its CPU time slice in microseconds (Linux 6.12+: a shorter slice lets a woken check
     # run before the slice of a busy ingest thread ends; 100-100,000; 0 = the kernel's).
-    authorize_slice_us: int = Field(default=100, ge=0, le=100_000)
+    # Off by default: 100 us made no difference measurable on two cores (bench/RESULTS.md).
+    authorize_slice_us: int = Field(default=0, ge=0, le=100_000)
 
     @field_validator("authorize_slice_us")
     @classmethod

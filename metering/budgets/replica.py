@@ -530,7 +530,7 @@ class _SchedAttr(ctypes.Structure):
 _SCHED_CALLS = {"x86_64": (314, 315), "aarch64": (274, 275)}
 
 
-def _shorten_slice(slice_us: int) -> None:
+def shorten_slice(slice_us: int) -> None:
     """Ask the kernel for a CPU slice of `slice_us` for this thread (the event loop's).
 
     On a busy machine a check waits for a core; since Linux 6.12 (EEVDF) a task that asks
@@ -580,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = Settings()
     _prioritize(settings.authorize_nice)
-    _shorten_slice(settings.authorize_slice_us)
+    shorten_slice(settings.authorize_slice_us)
     gc.set_threshold(50_000, 20, 100)  # as the main process: fewer, larger collections
     state = ReplicaState(make_session_factory(make_engine(settings.resolved_database_url)))
     mirror = Mirror(args.fd, state, args.counter_fd)

@@ -171,13 +171,16 @@ def _gone(pid: int, timeout: float = 20.0) -> bool:
 def test_the_authorize_port_answers_as_the_main_port(tmp_path: Path) -> None:
     port = free_port()
     server = ServerProcess(
-        tmp_path / "data", METERING_ADMIN_TOKEN=ADMIN_TOKEN, METERING_AUTHORIZE_PORT=str(port)
+        tmp_path / "data",
+        METERING_ADMIN_TOKEN=ADMIN_TOKEN,
+        METERING_AUTHORIZE_PORT=str(port),
+        METERING_AUTHORIZE_SLICE_US="100",
     )
     try:
         server.start()
         pid = _wait_replica(port)
         assert server.metric("metering_authorize_replica_up", {}) == 1
-        # It asked the kernel for a 100 us CPU slice (METERING_AUTHORIZE_SLICE_US), where
+        # It asked the kernel for the 100 us CPU slice set (METERING_AUTHORIZE_SLICE_US), where
         # the kernel has custom slices (Linux 6.12+, shown in /proc/PID/sched).
         if _custom_slices():
             assert _slice_ns(pid) == 100_000
@@ -271,7 +274,7 @@ def _custom_slices() -> bool:
 
 
 def test_the_replica_asks_for_a_short_cpu_slice() -> None:
-    from metering.budgets.replica import _shorten_slice
+    from metering.budgets.replica import shorten_slice
 
     if not _custom_slices():
         import pytest
@@ -283,9 +286,9 @@ def test_the_replica_asks_for_a_short_cpu_slice() -> None:
         me = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, me, 3)
         before = _slice_ns("thread-self")
-        _shorten_slice(250)
+        shorten_slice(250)
         seen.extend([before, _slice_ns("thread-self"), os.getpriority(os.PRIO_PROCESS, me)])
-        _shorten_slice(0)  # 0: left as it is
+        shorten_slice(0)  # 0: left as it is
         seen.append(_slice_ns("thread-self"))
 
     thread = threading.Thread(target=in_a_thread)
