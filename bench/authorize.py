@@ -115,6 +115,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " measures (default 0: the kernel's)",
     )
     parser.add_argument(
+        "--generator-nice",
+        type=int,
+        default=0,
+        help="run the HTTP load generator's thread at this nice value (below 0 needs"
+        " CAP_SYS_NICE): a diagnosis of how much of a tail is the generator's own wait for"
+        " a core (a gateway on its own machine does not share the server's cores)",
+    )
+    parser.add_argument(
         "--authorize-slice-us",
         type=int,
         default=0,

@@ -277,8 +277,9 @@ def kill_server(server: Server) -> None:
 
 
 def generate(args: argparse.Namespace, port: int, requests: list[bytes]) -> OpenLoopResult:
-    """run_open_loop; with --generator-slice-us, in a thread of its own that asks for that
-    CPU slice (a thread's slice is its own: processes started later do not inherit it)."""
+    """run_open_loop; with --generator-slice-us or --generator-nice, in a thread of its own
+    that asks for that CPU slice or priority (a thread's own: processes started later do not
+    inherit them)."""
 
     def run() -> OpenLoopResult:
         return run_open_loop(
@@ -290,13 +291,15 @@ def generate(args: argparse.Namespace, port: int, requests: list[bytes]) -> Open
             connections=args.connections,
         )
 
-    if not args.generator_slice_us:
+    if not args.generator_slice_us and not args.generator_nice:
         return run()
     from metering.budgets.replica import shorten_slice
 
     out: list[OpenLoopResult] = []
 
     def in_thread() -> None:
+        if args.generator_nice:  # Linux: a thread's nice value is its own
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), args.generator_nice)
         shorten_slice(args.generator_slice_us)
         out.append(run())
 
