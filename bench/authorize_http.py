@@ -119,13 +119,19 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def start_time(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot), to tell it from a reused pid."""
+def _stat_field(pid: int, index: int) -> int | None:
+    """Field `index` (0 = the state) after the command name of /proc/PID/stat, None if the
+    process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as handle:
-            return int(handle.read().rpartition(")")[2].split()[19])
+            return int(handle.read().rpartition(")")[2].split()[index])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot), to tell it from a reused pid."""
+    return _stat_field(pid, 19)
 
 
 def listening_inodes(port: int) -> set[str]:
@@ -173,11 +179,7 @@ def authorize_pids(server_pid: int, port: int) -> tuple[list[int], str]:
 
 def nice_of(pid: int) -> int | None:
     """The process's nice value (/proc/PID/stat field 19), None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return int(handle.read().rpartition(")")[2].split()[16])
-    except (OSError, IndexError, ValueError):
-        return None
+    return _stat_field(pid, 16)
 
 
 def slice_us_of(pid: int) -> int | None:

@@ -36,7 +36,7 @@ from metering.auth.deps import cached_principal
 from metering.auth.service import Principal
 from metering.budgets.authorize import PATH, answer_for
 from metering.errors import ApiError, error_response, too_large
-from metering.http.protocol import MAX_JSON_BODY, HttpLimits, LimitedHttpToolsProtocol
+from metering.http.protocol import _IDLE, MAX_JSON_BODY, HttpLimits, LimitedHttpToolsProtocol
 from metering.ingest.spool import Unavailable
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,6 @@ _stock_begin_request = LimitedHttpToolsProtocol.begin_request
 _stock_on_body = HttpToolsProtocol.on_body
 _limited_on_message_complete = LimitedHttpToolsProtocol.on_message_complete
 _limited_data_received = LimitedHttpToolsProtocol.data_received
-_IDLE = 0  # LimitedHttpToolsProtocol's phase between requests
 _JSON_200 = STATUS_LINE[200]
 _BEHIND = "authorize: catching up with the main process; retry"
 

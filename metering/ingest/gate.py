@@ -133,10 +133,6 @@ class GrowingBloom:
     def capacity(self) -> int:
         return sum(layer.capacity for layer in self.layers)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers)
-
     def positions(self, hashes: npt.NDArray[np.uint64]) -> Positions:
         """The keys' positions in the newest layer (where `add` puts them)."""
         return self.layers[-1].positions(hashes)
