@@ -131,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in _setting_problems(exc):
             print(f"metering: invalid settings: {problem}", file=sys.stderr)
         return 2
+    except Exception as exc:  # e.g. an unreadable .env: pydantic-settings' own errors
+        print(f"metering: invalid settings: {exc}", file=sys.stderr)
+        return 2
     if args.command == "simulate":
         return _simulate(args, settings)
     if args.command == "dashboards":  # Grafana only: no store, no data-dir lock
