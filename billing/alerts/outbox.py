@@ -24,6 +24,14 @@ from __future__ import annotations
 
 from billing.alerts.deliverer import Deliverer
 from billing.alerts.messages import sign, verify_signature
-from billing.alerts.store import deliveries_for, enqueue, new_delivery_id
+from billing.alerts.store import deliveries_for, enqueue, new_delivery_id, pending_deliveries
 
-__all__ = ["Deliverer", "deliveries_for", "enqueue", "new_delivery_id", "sign", "verify_signature"]
+__all__ = [
+    "Deliverer",
+    "deliveries_for",
+    "enqueue",
+    "new_delivery_id",
+    "pending_deliveries",
+    "sign",
+    "verify_signature",
+]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -52,10 +53,22 @@ def enqueue(
     """
     session.add(alert)
     session.flush()
-    now = utcnow()
+    rows = pending_deliveries(alert, channels, payload, utcnow())
+    session.add_all(rows)
+    return rows
+
+
+def pending_deliveries(
+    alert: BudgetAlertRow,
+    channels: list[dict[str, Any]],
+    payload: dict[str, Any],
+    now: datetime,
+) -> list[AlertDeliveryRow]:
+    """The deliveries an alert owes, one per channel, not yet added to any session (the
+    caller adds them after the alert's row is flushed: see `enqueue`)."""
     # Due at once on the caller's clock and on the wall clock, whichever is earlier.
     due = min(alert.at, now) if alert.at is not None else now
-    rows = [
+    return [
         AlertDeliveryRow(
             id=new_delivery_id(),
             alert_id=alert.id,
@@ -70,8 +83,6 @@ def enqueue(
         )
         for index, channel in enumerate(channels)
     ]
-    session.add_all(rows)
-    return rows
 
 
 def target(channel: dict[str, Any]) -> str:
