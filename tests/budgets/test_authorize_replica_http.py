@@ -372,9 +372,13 @@ def test_a_client_that_does_not_read_its_answers_is_not_buffered_without_bound(
     try:
         sender = threading.Thread(target=conn.send, args=(request * count,), daemon=True)
         sender.start()
-        time.sleep(1.0)  # the server writes until the socket is full, then buffers
-        # Past the transport's high-water mark, checks took the ASGI path: it waits for
-        # the buffer to drain and stops reading meanwhile (uvicorn's flow control).
+        # The server writes until the socket is full, then buffers. Past the transport's
+        # high-water mark, checks take the ASGI path: it waits for the buffer to drain
+        # and stops reading meanwhile (uvicorn's flow control). Without that, every check
+        # would be answered in the protocol and buffered: no call would ever reach the app.
+        deadline = time.monotonic() + 30
+        while counting.calls == calls and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert counting.calls > calls, "answers were buffered without bound"
         replies = [conn.reply() for _ in range(count)]
         sender.join(10)
