@@ -21,7 +21,7 @@ Parts (each figure absolute and as a ratio to a baseline measured in the same ru
 - `mixed`: the maximum ingest rate of bench/loadgen.py's generator against this server
   (closed loop, 4 connections, ~10 s), then ingest paced at half of it (its own process)
   while /healthz (baseline) and then /v1/authorize run at `--rate` as above. The paced
-  ingest is sized for three times the runs' nominal time and stopped after them; whether
+  ingest is sized for eight times the runs' nominal time and stopped after them; whether
   it was on from each run's first request to its last is checked (wall clock) and
   reported under the table.
 - `--authorize-port`: the server also gets METERING_AUTHORIZE_PORT (a free port: a

@@ -475,17 +475,20 @@ class IngestWorker:
             self.proc.wait(10)
 
 
-# The paced ingest of the mixed runs: its worker pre-builds every body (about 370 bytes an
-# event, twice that while building), so it is sized for the runs' nominal time three times
-# over plus margins (a run under ingest can last well past its nominal time: the generator
-# waits for replies on its few connections), bounded here, and stopped once the runs are
-# over. Whether it covered each run is checked (`ingest_coverage`), not assumed.
-PACED_EVENTS_MAX = 60_000_000  # sent, not built: the worker reuses 400K built events
+# The paced ingest of the mixed runs is sized for the runs' nominal time PACED_STRETCH times
+# over plus margins, and stopped once the runs are over: a run under ingest can last well
+# past its nominal time (the generator waits for replies on its few connections). On a
+# slower machine (2026-11-29) the main port's runs under ingest took 92-104 s for 20 s
+# nominal, and three times over ran out before the authorize port's run. The worker
+# reuses 400K built events (the bodies are sent, not built), so the size costs no memory.
+# Whether ingest covered each run is checked (`ingest_coverage`), not assumed.
+PACED_EVENTS_MAX = 60_000_000
 PACED_MARGIN_S = 15.0  # the 2 s head start, connections, the gaps between runs
+PACED_STRETCH = 8
 
 
 def paced_events(rate: float, runs: int, seconds: float) -> int:
-    span = 3 * runs * seconds + PACED_MARGIN_S
+    span = PACED_STRETCH * runs * seconds + PACED_MARGIN_S
     events = -(-int(rate * span) // 1000) * 1000
     if events > PACED_EVENTS_MAX:
         print(
