@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from billing.budgets.ledger import Change, Limit, SpendLedger
 from billing.rating import PriceBook, PriceEntry
@@ -297,6 +298,60 @@ def test_the_replica_asks_for_a_short_cpu_slice() -> None:
     before, after, nice, unchanged = seen
     assert before != 250_000 and after == unchanged == 250_000
     assert nice == 3  # the nice value is kept
+
+
+def _realtime_allowed() -> bool:
+    """Whether this process may make a thread real-time (root or CAP_SYS_NICE): tried on
+    a thread of its own, which then ends."""
+    allowed: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))
+            allowed.append(True)
+        except OSError:
+            allowed.append(False)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    return allowed[0]
+
+
+def test_the_replica_runs_at_the_real_time_priority_asked(tmp_path: Path) -> None:
+    if sys.platform != "linux":
+        pytest.skip("real-time scheduling as Linux has it")
+    port = free_port()
+    server = ServerProcess(
+        tmp_path / "data",
+        METERING_ADMIN_TOKEN=ADMIN_TOKEN,
+        METERING_AUTHORIZE_PORT=str(port),
+        METERING_AUTHORIZE_REALTIME_PRIORITY="7",
+    )
+    try:
+        server.start()
+        pid = _wait_replica(port)
+        assert pid is not None
+        threads = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+        policies = {
+            (os.sched_getscheduler(t), os.sched_getparam(t).sched_priority) for t in threads
+        }
+        if _realtime_allowed():
+            # Every thread of the replica (set before any started), none of the server's.
+            assert policies == {(os.SCHED_RR, 7)}
+            assert server.proc is not None
+            assert os.sched_getscheduler(server.proc.pid) == os.SCHED_OTHER
+        else:
+            assert policies == {(os.SCHED_OTHER, 0)}  # left as it was, with a warning
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/authorize",
+            json={"tenant_id": "acct-1"},
+            headers=H,
+            timeout=10,
+        )
+        assert reply.status_code == 200 and reply.json()["allowed"] is True
+    finally:
+        server.stop()
 
 
 # -- the feed's faults, with stand-in replicas ----------------------------------------------------
