@@ -130,6 +130,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " 0: the kernel's)",
     )
     parser.add_argument(
+        "--authorize-realtime",
+        type=int,
+        default=0,
+        help="with --authorize-port: METERING_AUTHORIZE_REALTIME_PRIORITY for the server"
+        " (SCHED_RR 1-99; default 0: off)",
+    )
+    parser.add_argument(
         "--trace",
         type=Path,
         default=None,
@@ -190,8 +197,8 @@ def render_http(h: dict[str, Any]) -> list[str]:
         "",
         "| run | sent | achieved /s | p50 ms | p99 ms | max ms | p99 / baseline p99 "
         "| target | verdict | send late p99 / max ms | generator CPU | server CPU | "
-        "denied | statuses | load before -> after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "denied | statuses | load before -> after | stolen by the hypervisor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, target in (("alone", 2.0), ("mixed", 5.0)):
         runs = h.get(key)
@@ -204,6 +211,7 @@ def render_http(h: dict[str, Any]) -> list[str]:
             if r.get("ingest_covered") is False:
                 verdict += " (INGEST OFF FOR PART OF THE RUN)"
             cpu = f"{r['server_cpu']:.0%}"
+            stolen = f"{r['steal']:.1%} of a core" if "steal" in r else "-"
             if "authorize_cpu" in r:
                 cpu += f" (main {r['main_cpu']:.0%} + authorize {r['authorize_cpu']:.0%})"
             rows.append(
@@ -211,7 +219,7 @@ def render_http(h: dict[str, Any]) -> list[str]:
                 f"{r['p99']:.2f} | {r['max']:.1f} | {r['p99'] / base:.2f} | "
                 f"{f'p99 ≤ {target:g} ms' if is_auth else '-'} | {verdict} | "
                 f"{r['late_p99']:.2f} / {r['late_max']:.1f} | {r['gen_cpu']:.0%} | "
-                f"{cpu} | {r['denied']:,} | {r['statuses']} | {r['load']} |"
+                f"{cpu} | {r['denied']:,} | {r['statuses']} | {r['load']} | {stolen} |"
             )
     if "authorize_port" in h:
         rows += [

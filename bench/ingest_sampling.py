@@ -40,6 +40,14 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / _CLOCK_TICKS
 
 
+def steal_seconds() -> float:
+    """CPU seconds the hypervisor has taken from this machine's cores since boot (the
+    `steal` field of /proc/stat; 0 where it is not reported)."""
+    with open("/proc/stat") as handle:
+        fields = [int(x) for x in handle.readline().split()[1:]]
+    return (fields[7] if len(fields) > 7 else 0) / _CLOCK_TICKS
+
+
 def wait_for_quiet(max_wait: float, busy_limit: float = 0.3, probe: float = 3.0) -> float:
     """Wait (up to `max_wait` s) until the machine's other work uses < `busy_limit`
     cores over `probe` seconds: this machine is shared. Return the cores last seen busy."""
