@@ -169,14 +169,20 @@ def _gone(pid: int, timeout: float = 20.0) -> bool:
     return False
 
 
-def test_the_authorize_port_answers_as_the_main_port(tmp_path: Path) -> None:
+def _with_authorize_port(tmp_path: Path, **env: str) -> tuple[ServerProcess, int]:
+    """A server (not started) with an authorize port, and that port."""
     port = free_port()
     server = ServerProcess(
         tmp_path / "data",
         METERING_ADMIN_TOKEN=ADMIN_TOKEN,
         METERING_AUTHORIZE_PORT=str(port),
-        METERING_AUTHORIZE_SLICE_US="100",
+        **env,
     )
+    return server, port
+
+
+def test_the_authorize_port_answers_as_the_main_port(tmp_path: Path) -> None:
+    server, port = _with_authorize_port(tmp_path, METERING_AUTHORIZE_SLICE_US="100")
     try:
         server.start()
         pid = _wait_replica(port)
@@ -321,13 +327,7 @@ def _realtime_allowed() -> bool:
 def test_the_replica_runs_at_the_real_time_priority_asked(tmp_path: Path) -> None:
     if sys.platform != "linux":
         pytest.skip("real-time scheduling as Linux has it")
-    port = free_port()
-    server = ServerProcess(
-        tmp_path / "data",
-        METERING_ADMIN_TOKEN=ADMIN_TOKEN,
-        METERING_AUTHORIZE_PORT=str(port),
-        METERING_AUTHORIZE_REALTIME_PRIORITY="7",
-    )
+    server, port = _with_authorize_port(tmp_path, METERING_AUTHORIZE_REALTIME_PRIORITY="7")
     try:
         server.start()
         pid = _wait_replica(port)
