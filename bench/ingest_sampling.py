@@ -32,10 +32,16 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def _cpu_ticks() -> list[int]:
+    """The machine's CPU time by kind since boot, in clock ticks (/proc/stat's "cpu" line:
+    user, nice, system, idle, iowait, irq, softirq, steal, ...)."""
+    with open("/proc/stat") as handle:
+        return [int(x) for x in handle.readline().split()[1:]]
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all processes have used since boot (from /proc/stat)."""
-    with open("/proc/stat") as handle:
-        fields = [int(x) for x in handle.readline().split()[1:]]
+    fields = _cpu_ticks()
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
     return (sum(fields[:8]) - idle) / _CLOCK_TICKS
 
@@ -43,8 +49,7 @@ def machine_busy_seconds() -> float:
 def steal_seconds() -> float:
     """CPU seconds the hypervisor has taken from this machine's cores since boot (the
     `steal` field of /proc/stat; 0 where it is not reported)."""
-    with open("/proc/stat") as handle:
-        fields = [int(x) for x in handle.readline().split()[1:]]
+    fields = _cpu_ticks()
     return (fields[7] if len(fields) > 7 else 0) / _CLOCK_TICKS
 
 

@@ -337,7 +337,8 @@ def test_the_replica_runs_at_the_real_time_priority_asked(tmp_path: Path) -> Non
             (os.sched_getscheduler(t), os.sched_getparam(t).sched_priority) for t in threads
         }
         if _realtime_allowed():
-            # Every thread of the replica (set before any started), none of the server's.
+            # Every thread of the replica (those started before the setting too), none of
+            # the server's.
             assert policies == {(os.SCHED_RR, 7)}
             assert server.proc is not None
             assert os.sched_getscheduler(server.proc.pid) == os.SCHED_OTHER
