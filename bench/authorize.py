@@ -1,7 +1,7 @@
 """Budgets' speed figures (issue 7, acceptance 3): the spend ledger in process, and
 `POST /v1/authorize` over HTTP on loopback, alone and while ingest runs.
 
-    cd /work/main && .venv/bin/python -m bench.authorize [--parts inproc,http,mixed]
+    cd /work/main && .venv/bin/python -m bench.authorize [--parts inproc,http,mixed,flood]
         [--tenants 210000] [--fraction 0.1] [--rate 2000] [--seconds 20]
         [--connections 8] [--authorize-port] [--trace DIR] [--results bench/RESULTS.md]
         [--note "..."]
@@ -28,6 +28,11 @@ Parts (each figure absolute and as a ratio to a baseline measured in the same ru
   separate process answering only POST /v1/authorize and GET /healthz); `http` and
   `mixed` each add a run of the same authorize requests against that port, after the
   main port's, with the same baseline and target (its server CPU adds that process's).
+- `flood` (with `--authorize-port`): what a flood of checks costs ingest. Ingest at its
+  maximum until all stored, alone, then under a closed-loop flood of valid checks on the
+  authorize port, then of unknown keys (401, after a database lookup each), then alone
+  again; each as a ratio to the mean of the two alone runs. Run it with and without
+  `--authorize-realtime` to see what the real-time priority costs ingest under a flood.
 
 The parts live next to this file: bench/authorize_setup.py (tenants, budgets, prices,
 seed events), bench/authorize_http.py (the server and the runs), bench/authorize_load.py
@@ -52,7 +57,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.authorize_http import load, run_http
+from bench.authorize_http import FLOOD_CONNECTIONS, load, run_http
 from bench.ingest_report import code_version
 
 
@@ -181,6 +186,36 @@ def render_coverage(h: dict[str, Any]) -> list[str]:
     return rows
 
 
+def render_flood(h: dict[str, Any]) -> list[str]:
+    """Ingest at its maximum with and without a flood of checks on the authorize port."""
+    runs = h.get("flood")
+    if not runs:
+        return []
+    alone = [r["stored_per_s"] for r in runs if "flood" not in r]
+    base = sum(alone) / len(alone)
+    rows = [
+        "",
+        f"A flood of checks on the authorize port ({FLOOD_CONNECTIONS} connections, closed "
+        f"loop) while ingest runs at its maximum ({runs[0]['events']:,} events, 4 "
+        "connections, until all stored); the ratio is to the mean of the two runs alone:",
+        "",
+        "| run | stored events/s | ratio to alone | checks answered /s | check statuses "
+        "| main CPU | authorize CPU | flood generator CPU | stolen by the hypervisor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        f = r.get("flood")
+        checks = f"{f['checks_per_s']:,.0f}" if f else "-"
+        statuses = str(f["statuses"]) if f else "-"
+        gen = f"{f['cpu_seconds'] / f['seconds']:.0%}" if f else "-"
+        rows.append(
+            f"| {r['name']} | {r['stored_per_s']:,.0f} | {r['stored_per_s'] / base:.2f} | "
+            f"{checks} | {statuses} | {r['main_cpu']:.0%} | {r['authorize_cpu']:.0%} | {gen} | "
+            f"{r['steal']:.1%} of a core |"
+        )
+    return rows
+
+
 def render_http(h: dict[str, Any]) -> list[str]:
     rows = [
         f"Server: {h['tenants']:,} tenants registered by ingesting {h['seed_events']:,} seed "
@@ -194,12 +229,15 @@ def render_http(h: dict[str, Any]) -> list[str]:
         f"after it. Exact resyncs of all budget scopes (at start, then the minute's "
         f"reconciliation, writer held meanwhile): {h['resyncs']:.0f}, "
         f"{h['resync_s'] / max(h['resyncs'], 1):.2f} s each on average.",
-        "",
-        "| run | sent | achieved /s | p50 ms | p99 ms | max ms | p99 / baseline p99 "
-        "| target | verdict | send late p99 / max ms | generator CPU | server CPU | "
-        "denied | statuses | load before -> after | stolen by the hypervisor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if h.get("alone") or h.get("mixed"):
+        rows += [
+            "",
+            "| run | sent | achieved /s | p50 ms | p99 ms | max ms | p99 / baseline p99 "
+            "| target | verdict | send late p99 / max ms | generator CPU | server CPU | "
+            "denied | statuses | load before -> after | stolen by the hypervisor |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for key, target in (("alone", 2.0), ("mixed", 5.0)):
         runs = h.get(key)
         if not runs:
@@ -240,6 +278,7 @@ def render_http(h: dict[str, Any]) -> list[str]:
             f"{a['authorize_us'] * 2000 / 1e6:.0%} of the one event loop.",
         ]
     rows += render_coverage(h)
+    rows += render_flood(h)
     if "ingest_max" in h:
         m, p = h["ingest_max"], h["ingest_paced"]
         rows += [
@@ -293,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(block), flush=True)
         lines += ["In process (`SpendLedger`):", "", *block, ""]
         ok &= all(m["check"][k] <= 50e-6 for k in ("all", "warm", "cold"))
-    if parts & {"http", "mixed", "asgi"}:
+    if parts & {"http", "mixed", "asgi", "flood"}:
         work = Path(tempfile.mkdtemp(prefix="bench-authorize-"))
         try:
             h = run_http(args, work, parts)

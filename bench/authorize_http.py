@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -423,30 +424,13 @@ def stop_profiler(profiler: subprocess.Popen[bytes] | None) -> None:
         profiler.wait(10)
 
 
-class IngestWorker:
-    """`python -m bench.authorize_load ingest ...` in its own process."""
+class Worker:
+    """`python -m bench.authorize_load <command>` in its own process: it prints a "ready"
+    line, starts on "go", and prints its result as one JSON line."""
 
-    def __init__(self, port: int, token: str, mode: str, events: int, rate: float) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "bench.authorize_load",
-            "ingest",
-            "--port",
-            str(port),
-            "--token",
-            token,
-            "--mode",
-            mode,
-            "--events",
-            str(events),
-            "--rate",
-            str(rate),
-            "--run-id",
-            os.urandom(4).hex(),
-        ]
+    def __init__(self, command: list[str]) -> None:
         self.proc = subprocess.Popen(
-            command,
+            [sys.executable, "-m", "bench.authorize_load", *command],
             cwd=REPO,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -460,10 +444,10 @@ class IngestWorker:
         with selectors.DefaultSelector() as sel:
             sel.register(self.proc.stdout, selectors.EVENT_READ)
             if not sel.select(timeout):
-                raise TimeoutError("ingest worker did not answer")
+                raise TimeoutError(f"{self.proc.args[3]} worker did not answer")
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"ingest worker exited with {self.proc.wait(10)}")
+            raise RuntimeError(f"{self.proc.args[3]} worker exited with {self.proc.wait(10)}")
         result: dict[str, Any] = json.loads(line)
         return result
 
@@ -484,8 +468,8 @@ class IngestWorker:
         return self.proc.poll() is None
 
     def stop(self) -> None:
-        """Ask a paced run to stop (SIGUSR1): it finishes the bodies in flight, then
-        prints its result (read it with `result`)."""
+        """Ask a paced run or a flood to stop (SIGUSR1): it finishes the requests in
+        flight, then prints its result (read it with `result`)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGUSR1)
 
@@ -493,6 +477,46 @@ class IngestWorker:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+class IngestWorker(Worker):
+    """The ingest worker: `--mode max` (closed loop) or `paced` at `rate` events/s."""
+
+    def __init__(self, port: int, token: str, mode: str, events: int, rate: float) -> None:
+        super().__init__(
+            [
+                "ingest",
+                "--port",
+                str(port),
+                "--token",
+                token,
+                "--mode",
+                mode,
+                "--events",
+                str(events),
+                "--rate",
+                str(rate),
+                "--run-id",
+                os.urandom(4).hex(),
+            ]
+        )
+
+
+class FloodWorker(Worker):
+    """Checks closed loop on `connections` connections to `port` until `stop`."""
+
+    def __init__(self, port: int, requests_file: Path, connections: int) -> None:
+        super().__init__(
+            [
+                "flood",
+                "--port",
+                str(port),
+                "--requests",
+                str(requests_file),
+                "--connections",
+                str(connections),
+            ]
+        )
 
 
 # The paced ingest of the mixed runs is sized for the runs' nominal time PACED_STRETCH times
@@ -533,6 +557,101 @@ def ingest_coverage(row: dict[str, Any], paced: dict[str, Any]) -> bool:
     )
     row["ingest_covered"] = covered
     return covered
+
+
+FLOOD_CONNECTIONS = 16  # closed loop: as many checks as the authorize process answers
+
+
+def ingest_run(
+    server: Server,
+    token: str,
+    events: int,
+    auth_pids: list[int],
+    flood: FloodWorker | None = None,
+) -> dict[str, Any]:
+    """Ingest at its maximum (closed loop, 4 connections) until every row is stored, with
+    `flood` (a ready FloodWorker) on from 1 s before until the last row is stored."""
+    worker = IngestWorker(server.port, token, "max", events, 0.0)
+    try:
+        worker.ready()
+        stored_before = metric_values(server.base).get(STORED, 0.0)
+        if flood is not None:
+            flood.go()
+            time.sleep(1.0)
+        cpu_before = proc_cpu_seconds(server.pid)
+        child_before = cpu_seconds_of(auth_pids)
+        steal_before = steal_seconds()
+        began = time.perf_counter()
+        worker.go()
+        top = worker.result()
+        wait_stored(server.base, stored_before + top["events"])
+        seconds = time.perf_counter() - began
+        child_after = cpu_seconds_of(list(child_before))
+        row: dict[str, Any] = {
+            "events": top["events"],
+            "failures": top["failures"],
+            "acked_per_s": top["events_per_s"],
+            "stored_per_s": top["events"] / seconds,
+            "seconds": seconds,
+            "main_cpu": (proc_cpu_seconds(server.pid) - cpu_before) / seconds,
+            "authorize_cpu": sum(child_after[p] - child_before[p] for p in child_after) / seconds,
+            "steal": (steal_seconds() - steal_before) / seconds,
+            "load": load(),
+        }
+    finally:
+        worker.kill()
+    if flood is not None:
+        flood.stop()
+        row["flood"] = flood.result()
+    return row
+
+
+def run_flood(
+    args: argparse.Namespace,
+    server: Server,
+    work: Path,
+    auth_port: int,
+    auth_pids: list[int],
+    token: str,
+    bodies: list[bytes],
+) -> list[dict[str, Any]]:
+    """What a flood of checks on the authorize port costs ingest: ingest at its maximum
+    alone, under a flood of valid checks, under a flood of unauthenticated ones (a fresh
+    unknown key each: 401 after a database lookup, the costlier path), and alone again
+    (the two alone runs bracket the machine's drift)."""
+    valid = [json_post("127.0.0.1", auth_port, token, "/v1/authorize", b) for b in bodies]
+    unknown = [
+        json_post("127.0.0.1", auth_port, "mk_" + os.urandom(16).hex(), "/v1/authorize", b)
+        for b in bodies
+    ]
+    files = {}
+    for name, requests in (("valid", valid), ("unknown", unknown)):
+        files[name] = work / f"flood-{name}.pickle"
+        with open(files[name], "wb") as f:
+            pickle.dump(requests, f)
+    events = args.ingest_max_events
+    runs = []
+    for name, kind in (
+        ("ingest alone", None),
+        ("ingest + a flood of valid checks", "valid"),
+        ("ingest + a flood of unknown keys (401)", "unknown"),
+        ("ingest alone, again", None),
+    ):
+        if args.wait_quiet > 0:
+            wait_for_quiet(args.wait_quiet)
+        flood = None
+        if kind is not None:
+            flood = FloodWorker(auth_port, files[kind], FLOOD_CONNECTIONS)
+            flood.ready()
+        try:
+            row = ingest_run(server, token, events, auth_pids, flood)
+        finally:
+            if flood is not None:
+                flood.kill()
+        row["name"] = name
+        print(f"  {name}: {json.dumps(row)}", flush=True)
+        runs.append(row)
+    return runs
 
 
 def run_http(args: argparse.Namespace, work: Path, parts: set[str]) -> dict[str, Any]:
@@ -717,6 +836,10 @@ def run_http(args: argparse.Namespace, work: Path, parts: set[str]) -> dict[str,
                     f" s after its end; worker running at its end: {row['ingest_alive_at_end']})",
                     flush=True,
                 )
+        if "flood" in parts:
+            if not auth_port:
+                raise SystemExit("--parts flood needs --authorize-port")
+            out["flood"] = run_flood(args, server, work, auth_port, auth_pids, token, bodies)
         out["rss_end_mib"] = proc_status_kib(server.pid, "VmHWM") / 1024
         final = metric_values(server.base)
         out["resyncs"] = final.get(RESYNCS, 0.0)

@@ -15,6 +15,10 @@ so its 1,000-event bodies do not share an event loop with the authorize generato
 events/s; `--mode paced --rate R` sends 1,000-event bodies open-loop at R events/s after
 a line on stdin says go, until the bodies run out or a SIGUSR1 says stop. Each prints
 one JSON line of results.
+
+The flood worker (`python -m bench.authorize_load flood ...`, also its own process) sends
+checks closed loop on N connections, as many as the server answers, until a SIGUSR1: what
+a flood of checks (valid, or unauthenticated ones answered 401) costs ingest.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import pickle
 import signal
 import sys
 import time
@@ -281,6 +286,73 @@ def ingest_worker(argv: list[str]) -> int:
     return 0
 
 
+async def flood(
+    host: str, port: int, requests: Sequence[bytes], connections: int, stopped: asyncio.Event
+) -> dict[str, Any]:
+    """Closed loop: each connection sends its next request as soon as the reply to the
+    last is read, until `stopped` is set. The most checks `connections` callers can get
+    answered, which is what a flood of checks asks of the server."""
+    clock = time.perf_counter
+    statuses: dict[int, int] = {}
+    count = 0
+    streams = [await asyncio.open_connection(host, port) for _ in range(connections)]
+    start = clock()
+    first_wall = time.time()
+
+    async def worker(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal count
+        i = n
+        while not stopped.is_set():
+            writer.write(requests[i % len(requests)])
+            status, _ = await loadgen.read_response(reader)
+            statuses[status] = statuses.get(status, 0) + 1
+            count += 1
+            i += connections
+
+    await asyncio.gather(*(worker(n, r, w) for n, (r, w) in enumerate(streams)))
+    seconds = clock() - start
+    for _, writer in streams:
+        writer.close()
+    return {
+        "checks": count,
+        "seconds": seconds,
+        "checks_per_s": count / seconds if seconds else 0.0,
+        "statuses": statuses,
+        "start_wall": first_wall,
+        "end_wall": time.time(),
+    }
+
+
+def flood_worker(argv: list[str]) -> int:
+    """`flood --port P --requests FILE --connections N`: FILE holds the raw requests (a
+    pickled list of bytes). Prints {"ready": n}, floods after "go" on stdin until SIGUSR1,
+    then prints its figures."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--requests", required=True)
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args(argv)
+    with open(args.requests, "rb") as f:
+        requests: list[bytes] = pickle.load(f)
+    loop = loadgen.new_event_loop()
+    stopped = asyncio.Event()
+    loop.add_signal_handler(signal.SIGUSR1, stopped.set)
+    print(json.dumps({"ready": len(requests)}), flush=True)
+    if sys.stdin.readline().strip() != "go":
+        return 1
+    cpu_before = os.times()
+    try:
+        out = loop.run_until_complete(
+            flood("127.0.0.1", args.port, requests, args.connections, stopped)
+        )
+    finally:
+        loop.close()
+    cpu_after = os.times()
+    out["cpu_seconds"] = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
 def loadgen_seed() -> int:
     from bench.authorize_setup import LOADGEN_SEED
 
@@ -290,4 +362,6 @@ def loadgen_seed() -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "ingest":
         sys.exit(ingest_worker(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "flood":
+        sys.exit(flood_worker(sys.argv[2:]))
     sys.exit(2)
