@@ -517,8 +517,10 @@ def run_realtime(priority: int) -> None:
     On a machine that ingest keeps busy, a check's tail is its wait for a core: nice and
     a short slice only weigh the kernel's choice among normal tasks, a real-time task
     runs first. The cost is the reverse: while it has work, it holds its core (the kernel
-    keeps 5% of each core for normal tasks), so a flood of checks takes up to one core
-    from ingest. Hence opt-in."""
+    keeps 5% of each core for normal tasks), so a flood of checks takes it from ingest,
+    and a flood of unknown keys more than one core (their database lookups run on worker
+    threads, real-time too): ingest at its maximum kept 0.15 of its rate under such a
+    flood, against 0.55 at nice -5 (docs/budgets.md). Hence opt-in."""
     if not priority:
         return
     try:
