@@ -30,9 +30,11 @@ Parts (each figure absolute and as a ratio to a baseline measured in the same ru
   main port's, with the same baseline and target (its server CPU adds that process's).
 - `flood` (with `--authorize-port`): what a flood of checks costs ingest. Ingest at its
   maximum until all stored, alone, then under a closed-loop flood of valid checks on the
-  authorize port, then of unknown keys (401, after a database lookup each), then alone
-  again; each as a ratio to the mean of the two alone runs. Run it with and without
-  `--authorize-realtime` to see what the real-time priority costs ingest under a flood.
+  authorize port, then of one unknown key sent again and again (401, remembered after the
+  first lookup), then of a fresh unknown key each time (401 after a database lookup
+  each), then alone again; each as a ratio to the mean of the two alone runs. Run it
+  with and without `--authorize-realtime` to see what the real-time priority costs ingest
+  under a flood.
 
 The parts live next to this file: bench/authorize_setup.py (tenants, budgets, prices,
 seed events), bench/authorize_http.py (the server and the runs), bench/authorize_load.py

@@ -616,16 +616,19 @@ def run_flood(
     bodies: list[bytes],
 ) -> list[dict[str, Any]]:
     """What a flood of checks on the authorize port costs ingest: ingest at its maximum
-    alone, under a flood of valid checks, under a flood of unauthenticated ones (a fresh
-    unknown key each: 401 after a database lookup, the costlier path), and alone again
-    (the two alone runs bracket the machine's drift)."""
+    alone, under a flood of valid checks, of one unknown key sent again and again (a
+    revoked key still configured: 401, remembered after the first lookup), of a fresh
+    unknown key each time (401 after a database lookup each, the costliest path), and
+    alone again (the two alone runs bracket the machine's drift)."""
     valid = [json_post("127.0.0.1", auth_port, token, "/v1/authorize", b) for b in bodies]
-    unknown = [
+    revoked = "mk_" + os.urandom(16).hex()
+    one = [json_post("127.0.0.1", auth_port, revoked, "/v1/authorize", b) for b in bodies]
+    fresh = [
         json_post("127.0.0.1", auth_port, "mk_" + os.urandom(16).hex(), "/v1/authorize", b)
         for b in bodies
     ]
     files = {}
-    for name, requests in (("valid", valid), ("unknown", unknown)):
+    for name, requests in (("valid", valid), ("one", one), ("fresh", fresh)):
         files[name] = work / f"flood-{name}.pickle"
         with open(files[name], "wb") as f:
             pickle.dump(requests, f)
@@ -634,7 +637,8 @@ def run_flood(
     for name, kind in (
         ("ingest alone", None),
         ("ingest + a flood of valid checks", "valid"),
-        ("ingest + a flood of unknown keys (401)", "unknown"),
+        ("ingest + a flood of one unknown key (401)", "one"),
+        ("ingest + a flood of fresh unknown keys (401)", "fresh"),
         ("ingest alone, again", None),
     ):
         if args.wait_quiet > 0:

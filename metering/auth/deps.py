@@ -64,18 +64,34 @@ async def _principal_for(state: AuthState, token: str) -> Principal:
             "authorization: missing bearer token (Authorization: Bearer <token>)",
             _UNAUTHORIZED,
         )
-    principal = state.key_cache.get(token)
+    cache = state.key_cache
+    principal = cache.get(token)
     if principal is None:
+        if cache.unknown(token):
+            raise unknown_token()
         principal = await run_in_threadpool(_lookup, state, token)
         if principal is None:
-            raise ApiError(401, "authorization: unknown or revoked token", _UNAUTHORIZED)
-        state.key_cache.put(token, principal)
+            cache.put_unknown(token)
+            raise unknown_token()
+        cache.put(token, principal)
     return principal
+
+
+def unknown_token() -> ApiError:
+    """The 401 for a token that is no key (unknown, or revoked)."""
+    return ApiError(401, "authorization: unknown or revoked token", _UNAUTHORIZED)
 
 
 async def caller(state: AuthState, request: Request) -> Principal:
     """`get_principal` for routes that take no FastAPI dependencies (the hot paths)."""
     return await principal_of(state, request.headers.get("authorization", ""))
+
+
+def known_unknown(state: AuthState, header: str) -> bool:
+    """Whether the header's token was found to be no key lately: `unknown_token` then
+    answers it with no database lookup."""
+    token = bearer_token(header)
+    return bool(token) and state.key_cache.unknown(token)
 
 
 def bearer_token(header: str) -> str:

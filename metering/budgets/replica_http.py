@@ -8,20 +8,21 @@ cache), the body is small, and the answer comes from memory. `ReplicaProtocol` a
 those itself, from the parser's callbacks, in the order they arrive:
 
 - at the end of a `POST /v1/authorize` head it catches up with the main process (as
-  `ReplicaApp` does before every request), and if the key is in the cache it collects the
-  body (at most MAX_JSON_BODY bytes, else 413 and close, as on the main port);
+  `ReplicaApp` does before every request), and if the key is in the cache, or the token
+  was found lately to be no key (401), it collects the body (at most MAX_JSON_BODY bytes,
+  else 413 and close, as on the main port);
 - at the end of the body it writes the answer: `answer_for`, the same function the main
   port uses, or the same error in the contract's shape (rendered from the same
   `error_response`), with uvicorn's default headers, so the bytes are those the ASGI path
   would write.
 
-Everything else goes the ASGI way, unchanged: other paths and methods, a key not in the
-cache (a database lookup, or 401), `Expect: 100-continue`, upgrades, a request pipelined
-behind one still in the ASGI path (answers keep their order), and a client that does not
-read its answers (the transport's write buffer is past its high-water mark: the ASGI path
-waits for it to drain and stops reading meanwhile). The connection limits and timeouts of
-`LimitedHttpToolsProtocol` apply to both: a body that stalls gets 408, a head past the
-limit 431.
+Everything else goes the ASGI way, unchanged: other paths and methods, a token neither in
+the cache nor known to be no key (a database lookup, or 401), `Expect: 100-continue`,
+upgrades, a request pipelined behind one still in the ASGI path (answers keep their
+order), and a client that does not read its answers (the transport's write buffer is past
+its high-water mark: the ASGI path waits for it to drain and stops reading meanwhile). The
+connection limits and timeouts of `LimitedHttpToolsProtocol` apply to both: a body that
+stalls gets 408, a head past the limit 431.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any, ClassVar
 from starlette.responses import Response
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from metering.auth.deps import cached_principal
+from metering.auth.deps import cached_principal, known_unknown, unknown_token
 from metering.auth.service import Principal
 from metering.budgets.authorize import PATH, answer_for
 from metering.errors import ApiError, error_response, too_large
@@ -93,13 +94,16 @@ class ReplicaProtocol(LimitedHttpToolsProtocol):
         behind = not replica.mirror.catch_up()
         principal = None
         if not behind:
-            principal = cached_principal(replica.state.services, authorization.decode("latin-1"))
-            if principal is None:  # a database lookup, or a 401: the ASGI path's work
+            services = replica.state.services
+            header = authorization.decode("latin-1")
+            principal = cached_principal(services, header)
+            if principal is None and not known_unknown(services, header):
+                # a database lookup, or a 401 for a missing token: the ASGI path's work
                 _stock_begin_request(self)
                 return
         self._fast = True
         self.cycle = None  # type: ignore[assignment]  # no ASGI cycle for this request
-        self._principal = principal
+        self._principal = principal  # None: a token found to be no key lately (401)
         self._behind = behind
         self._dropped = self.transport.is_closing()
         self._keep_alive = (
@@ -135,8 +139,10 @@ class ReplicaProtocol(LimitedHttpToolsProtocol):
         self.server_state.total_requests += 1
         if self._behind:
             self._write_response(error_response(503, _BEHIND, {"Retry-After": "1"}))
+        elif self._principal is None:
+            refused = unknown_token()
+            self._write_response(error_response(refused.status, refused.errors, refused.headers))
         else:
-            assert self._principal is not None
             try:
                 payload = answer_for(self.replica.state.services.budgets, self._principal, raw)
             except ApiError as exc:

@@ -23,10 +23,12 @@ import pytest
 import uvicorn
 from sqlalchemy import create_engine
 from sqlalchemy.orm import sessionmaker
+from sqlalchemy.pool import StaticPool
 
 from billing.budgets.forecast import period_of
 from billing.budgets.ledger import Change, Limit, SpendLedger
 from billing.rating import PriceBook, PriceEntry
+from metering.auth.models import ApiKey
 from metering.auth.service import Principal
 from metering.budgets.replica import Mirror, ReplicaApp, ReplicaState
 from metering.budgets.replica_http import replica_protocol_class
@@ -90,7 +92,12 @@ class _Replica:
         self.now = datetime.now(UTC)
         period = period_of(self.now)
         self.primary = SpendLedger()
-        engine = create_engine("sqlite://")
+        # One in-memory database for every thread's connection, with the API keys' table
+        # (an unknown key's lookup finds no row).
+        engine = create_engine(
+            "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
+        )
+        ApiKey.__table__.create(engine)
         self.state = ReplicaState(sessions=sessionmaker(engine))
         self.read_fd, self.write_fd = os.pipe()
         self.mirror = Mirror(self.read_fd, self.state)
@@ -311,8 +318,8 @@ def test_what_the_protocol_does_not_answer_goes_the_asgi_way(
     ]
     for name, request in others:
         calls = counting.calls
-        want = _ask(plain, request).without_date()
-        assert _ask(lean, request).without_date() == want, name
+        got = _ask(lean, request).without_date()  # first: the token is new to the replica
+        assert got == _ask(plain, request).without_date(), name
         assert counting.calls == calls + 1, name
     # Expect: 100-continue: the ASGI path sends the interim answer, then the check's.
     conn = _Conn(lean)
@@ -326,6 +333,32 @@ def test_what_the_protocol_does_not_answer_goes_the_asgi_way(
         assert reply.status == 200 and b'"b-open"' in reply.body
     finally:
         conn.close()
+
+
+def test_a_token_found_to_be_no_key_is_refused_in_the_protocol(
+    replica: _Replica, servers: tuple[_Counting, int, int]
+) -> None:
+    """The first check with an unknown (or revoked) key goes the ASGI way (a database
+    lookup, 401); repeats are refused in the protocol, with the same bytes, until the key
+    cache's ttl has passed. Too large a body is still 413 first, as on the ASGI path."""
+    counting, lean, plain = servers
+    for token in ("mk_unknown-0123456789", "no-key-prefix"):
+        request = _check('{"tenant_id": "t-open"}', token)
+        calls = counting.calls
+        first = _ask(lean, request)
+        assert first.status == 401 and counting.calls == calls + 1, token
+        want = _ask(plain, request).without_date()
+        for again in (request, _chunked(b'{"tenant_id": ', b'"t-open"}', token=token)):
+            got = _ask(lean, again)
+            assert got.without_date() == want, token
+            assert got.header("www-authenticate") == "Bearer"
+        assert counting.calls == calls + 1, f"{token}: a repeat reached the ASGI app"
+        big = _ask(lean, _check(b" " * (MAX_JSON_BODY + 1), token))
+        assert (
+            big.without_date()
+            == _ask(plain, _check(b" " * (MAX_JSON_BODY + 1), token)).without_date()
+        )
+        assert big.status == 413
 
 
 def test_pipelined_requests_are_answered_in_order(
