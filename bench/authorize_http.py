@@ -192,7 +192,7 @@ def policy_of(pid: int) -> str:
     """The process's scheduling policy and real-time priority, e.g. "SCHED_RR 10"."""
     names = {os.SCHED_OTHER: "normal", os.SCHED_FIFO: "SCHED_FIFO", os.SCHED_RR: "SCHED_RR"}
     try:
-        policy = os.sched_getscheduler(pid)
+        policy = os.sched_getscheduler(pid) & ~os.SCHED_RESET_ON_FORK
         priority = os.sched_getparam(pid).sched_priority
     except OSError:
         return "?"

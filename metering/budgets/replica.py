@@ -512,15 +512,17 @@ def _prioritize(nice: int) -> None:
 def run_realtime(priority: int) -> None:
     """Run under SCHED_RR at `priority` (1-99; 0: leave the policy as it is). Linux's
     policy is per thread: it is set on every thread there is (an import may have started
-    some, OpenBLAS's for one), and threads started later inherit it.
+    some, OpenBLAS's for one), the event loop's among them, with SCHED_RESET_ON_FORK:
+    threads started later run as normal tasks at nice 0. Those are the worker threads
+    that look unknown keys up in the database; real-time, a flood of fresh unknown keys
+    held more than one core (121%) and left ingest 0.15 of its rate. So real-time work is
+    the event loop's alone, one core at most.
 
     On a machine that ingest keeps busy, a check's tail is its wait for a core: nice and
     a short slice only weigh the kernel's choice among normal tasks, a real-time task
     runs first. The cost is the reverse: while it has work, it holds its core (the kernel
-    keeps 5% of each core for normal tasks), so a flood of checks takes it from ingest,
-    and a flood of unknown keys more than one core (their database lookups run on worker
-    threads, real-time too): ingest at its maximum kept 0.15 of its rate under such a
-    flood, against 0.55 at nice -5 (docs/budgets.md). Hence opt-in."""
+    keeps 5% of each core for normal tasks), so a flood of checks takes it from ingest
+    (docs/budgets.md). Hence opt-in."""
     if not priority:
         return
     try:
@@ -529,7 +531,8 @@ def run_realtime(priority: int) -> None:
         tasks = [0]
     try:
         for task in tasks:
-            os.sched_setscheduler(task, os.SCHED_RR, os.sched_param(priority))
+            policy = os.SCHED_RR | os.SCHED_RESET_ON_FORK
+            os.sched_setscheduler(task, policy, os.sched_param(priority))
     except (OSError, AttributeError) as exc:
         log.warning("authorize replica: cannot run at real-time priority %d: %s", priority, exc)
 

@@ -324,6 +324,16 @@ def _realtime_allowed() -> bool:
     return allowed[0]
 
 
+def _policies(pid: int) -> dict[int, tuple[int, int, int]]:
+    """Each thread of `pid`: (policy, real-time priority, nice)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        tid = int(task.name)
+        nice = int((task / "stat").read_text().rpartition(")")[2].split()[16])
+        out[tid] = (os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority, nice)
+    return out
+
+
 def test_the_replica_runs_at_the_real_time_priority_asked(tmp_path: Path) -> None:
     if sys.platform != "linux":
         pytest.skip("real-time scheduling as Linux has it")
@@ -332,14 +342,27 @@ def test_the_replica_runs_at_the_real_time_priority_asked(tmp_path: Path) -> Non
         server.start()
         pid = _wait_replica(port)
         assert pid is not None
-        threads = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
-        policies = {
-            (os.sched_getscheduler(t), os.sched_getparam(t).sched_priority) for t in threads
-        }
+        # A check with a key not seen yet: a database lookup on a worker thread (started
+        # by the replica after the setting, or earlier by _wait_replica's first check).
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/authorize",
+            json={"tenant_id": "nobody"},
+            headers={"Authorization": "Bearer mk_no-such-key-0123456789"},
+            timeout=10,
+        )
+        assert reply.status_code == 401
+        threads = _policies(pid)
+        policies = {(policy, rt) for policy, rt, _ in threads.values()}
+        realtime = os.SCHED_RR | os.SCHED_RESET_ON_FORK
         if _realtime_allowed():
-            # Every thread of the replica (those started before the setting too), none of
-            # the server's.
-            assert policies == {(os.SCHED_RR, 7)}
+            # The event loop's thread (and any started before the setting) is real-time;
+            # none of the server's. Threads started later, the worker threads that look
+            # keys up, are normal tasks at nice 0 (reset on fork): the database lookups of
+            # a flood of unknown keys compete with ingest as equals, not ahead of it.
+            assert threads[pid][:2] == (realtime, 7)
+            assert policies == {(realtime, 7), (os.SCHED_OTHER, 0)}
+            normal = [t for t in threads.values() if t[0] == os.SCHED_OTHER]
+            assert {nice for _, _, nice in normal} == {0}
             assert server.proc is not None
             assert os.sched_getscheduler(server.proc.pid) == os.SCHED_OTHER
         else:
