@@ -57,9 +57,9 @@ class Settings(BaseSettings):
     authorize_slice_us: int = Field(default=0, ge=0, le=100_000)
     # Its real-time priority (SCHED_RR, 1-99; 0 = off, the default; needs CAP_SYS_NICE,
     # else it stays as it is with a warning). A check then runs as soon as it arrives,
-    # ahead of every ingest thread; a flood of checks then takes a core or more from
-    # ingest (measured in docs/budgets.md). Opt-in: for a gateway whose authorize SLO
-    # matters more.
+    # ahead of every ingest thread; a flood of checks takes its core from ingest (about
+    # what nice -5 gives it: measured in docs/budgets.md). Opt-in: for a gateway whose
+    # authorize SLO matters more.
     authorize_realtime_priority: int = Field(default=0, ge=0, le=99)
 
     @field_validator("authorize_slice_us")
