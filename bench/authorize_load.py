@@ -31,7 +31,7 @@ import pickle
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -255,29 +255,34 @@ def ingest_worker(argv: list[str]) -> int:
     print(json.dumps({"ready": len(bodies)}), flush=True)
     if sys.stdin.readline().strip() != "go":
         return 1
-    loop = loadgen.new_event_loop()
-    cpu_before = os.times()
-    try:
-        if args.mode == "max":
-            result = loop.run_until_complete(
-                loadgen.run_load(
-                    "127.0.0.1",
-                    args.port,
-                    bodies,
-                    expect_accepted=[BATCH] * len(bodies),
-                    concurrency=args.connections,
-                )
+    if args.mode == "max":
+
+        async def at_max() -> dict[str, Any]:
+            result = await loadgen.run_load(
+                "127.0.0.1",
+                args.port,
+                bodies,
+                expect_accepted=[BATCH] * len(bodies),
+                concurrency=args.connections,
             )
-            out: dict[str, Any] = {
+            return {
                 "events": result.accepted,
                 "seconds": result.seconds,
                 "events_per_s": result.accepted / result.seconds,
                 "failures": len(result.failures),
             }
-        else:
-            out = loop.run_until_complete(
-                paced_ingest("127.0.0.1", args.port, bodies, args.rate, args.connections, stop_at)
-            )
+
+        return report(loadgen.new_event_loop(), at_max())
+    paced = paced_ingest("127.0.0.1", args.port, bodies, args.rate, args.connections, stop_at)
+    return report(loadgen.new_event_loop(), paced)
+
+
+def report(loop: asyncio.AbstractEventLoop, run: Coroutine[Any, Any, dict[str, Any]]) -> int:
+    """Run a worker's `run` on `loop`, then print its figures and this process's CPU
+    seconds meanwhile as one JSON line."""
+    cpu_before = os.times()
+    try:
+        out = loop.run_until_complete(run)
     finally:
         loop.close()
     cpu_after = os.times()
@@ -310,9 +315,9 @@ async def flood(
             i += connections
 
     await asyncio.gather(*(worker(n, r, w) for n, (r, w) in enumerate(streams)))
-    seconds = clock() - start
     for _, writer in streams:
         writer.close()
+    seconds = clock() - start
     return {
         "checks": count,
         "seconds": seconds,
@@ -340,17 +345,7 @@ def flood_worker(argv: list[str]) -> int:
     print(json.dumps({"ready": len(requests)}), flush=True)
     if sys.stdin.readline().strip() != "go":
         return 1
-    cpu_before = os.times()
-    try:
-        out = loop.run_until_complete(
-            flood("127.0.0.1", args.port, requests, args.connections, stopped)
-        )
-    finally:
-        loop.close()
-    cpu_after = os.times()
-    out["cpu_seconds"] = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
-    print(json.dumps(out), flush=True)
-    return 0
+    return report(loop, flood("127.0.0.1", args.port, requests, args.connections, stopped))
 
 
 def loadgen_seed() -> int:
