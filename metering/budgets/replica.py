@@ -530,8 +530,8 @@ def run_realtime(priority: int) -> None:
     except OSError:
         tasks = [0]
     try:
+        policy = os.SCHED_RR | os.SCHED_RESET_ON_FORK
         for task in tasks:
-            policy = os.SCHED_RR | os.SCHED_RESET_ON_FORK
             os.sched_setscheduler(task, policy, os.sched_param(priority))
     except (OSError, AttributeError) as exc:
         log.warning("authorize replica: cannot run at real-time priority %d: %s", priority, exc)

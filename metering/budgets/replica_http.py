@@ -140,13 +140,12 @@ class ReplicaProtocol(LimitedHttpToolsProtocol):
         if self._behind:
             self._write_response(error_response(503, _BEHIND, {"Retry-After": "1"}))
         elif self._principal is None:
-            refused = unknown_token()
-            self._write_response(error_response(refused.status, refused.errors, refused.headers))
+            self._write_api_error(unknown_token())
         else:
             try:
                 payload = answer_for(self.replica.state.services.budgets, self._principal, raw)
             except ApiError as exc:
-                self._write_response(error_response(exc.status, exc.errors, exc.headers))
+                self._write_api_error(exc)
             except Unavailable as exc:
                 self._write_response(error_response(503, str(exc), {"Retry-After": "1"}))
             except Exception:
@@ -190,6 +189,9 @@ class ReplicaProtocol(LimitedHttpToolsProtocol):
             ]
         )
         self.transport.write(b"".join(content))
+
+    def _write_api_error(self, exc: ApiError) -> None:
+        self._write_response(error_response(exc.status, exc.errors, exc.headers))
 
     def _write_response(self, response: Response) -> None:
         """`response` as uvicorn would write it for this request."""
