@@ -429,6 +429,7 @@ class Worker:
     line, starts on "go", and prints its result as one JSON line."""
 
     def __init__(self, command: list[str]) -> None:
+        self.name = command[0]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.authorize_load", *command],
             cwd=REPO,
@@ -444,10 +445,10 @@ class Worker:
         with selectors.DefaultSelector() as sel:
             sel.register(self.proc.stdout, selectors.EVENT_READ)
             if not sel.select(timeout):
-                raise TimeoutError(f"{self.proc.args[3]} worker did not answer")
+                raise TimeoutError(f"{self.name} worker did not answer")
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"{self.proc.args[3]} worker exited with {self.proc.wait(10)}")
+            raise RuntimeError(f"{self.name} worker exited with {self.proc.wait(10)}")
         result: dict[str, Any] = json.loads(line)
         return result
 

@@ -302,7 +302,6 @@ async def flood(
     count = 0
     streams = [await asyncio.open_connection(host, port) for _ in range(connections)]
     start = clock()
-    first_wall = time.time()
 
     async def worker(n: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal count
@@ -323,8 +322,6 @@ async def flood(
         "seconds": seconds,
         "checks_per_s": count / seconds if seconds else 0.0,
         "statuses": statuses,
-        "start_wall": first_wall,
-        "end_wall": time.time(),
     }
 
 
